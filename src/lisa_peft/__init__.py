@@ -1,0 +1,29 @@
+"""lisa-peft: LiSA (cross-layer attention sharing) as a Hugging Face PEFT method.
+
+`import lisa_peft` registers the PEFT method `LISA` (idempotent), so `get_peft_model`,
+`PeftModel.from_pretrained`, `PeftConfig.from_pretrained` and `AutoPeftModelForCausalLM` handle
+LiSA adapters.
+
+Example (tiny random model; the same code runs on any LLaMA checkpoint):
+
+>>> import torch, transformers
+>>> from peft import get_peft_model
+>>> from lisa_peft import LisaConfig
+>>> base = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+...     hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+...     num_key_value_heads=2, vocab_size=128))
+>>> model = get_peft_model(base, LisaConfig(lisa_layers=[3, 4, 5]))
+>>> model.peft_config["default"].r  # head_dim 16 -> 16/6 rounded up to even
+4
+>>> ids = torch.tensor([[1, 2, 3, 4]])
+>>> model(ids).logits.shape
+torch.Size([1, 4, 128])
+"""
+
+from .registration import register_lisa
+from .tuners.lisa import LisaAttention, LisaConfig, LisaModel
+
+register_lisa()
+
+__all__ = ["LisaAttention", "LisaConfig", "LisaModel"]
+__version__ = "0.1.0"

@@ -1,0 +1,38 @@
+"""`lisa-peft` command line: one sub-command per module in `lisa_peft.commands`.
+
+Each command module exposes `add_parser(subparsers) -> argparse.ArgumentParser` and sets
+`func=run` on its parser via `set_defaults`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Sub-command modules under lisa_peft.commands, in the order `--help` lists them.
+COMMANDS: list[str] = ["fetch_model", "analyze"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lisa-peft",
+        description="LiSA: cross-layer attention sharing for pre-trained LLaMA models, as a PEFT method.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"lisa_peft.commands.{name}").add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""`lisa-peft analyze [MODEL]`: adjacent-layer attention similarity of a base model (JSON + PNG)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lisa_peft.base_models import DEMO_MODEL, BaseModelUnavailableError
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "analyze",
+        help="measure how similar adjacent layers' attention is (same head vs best-aligned head)",
+        description=(
+            "Run calibration text through MODEL with eager attention and measure, for every layer l >= 1, "
+            "the Jensen-Shannon divergence between the attention of layer l and layer l-1: head i vs head i, "
+            "and head i vs its best-matching head. Writes similarity.json and similarity.png into --out."
+        ),
+    )
+    parser.add_argument(
+        "model", nargs="?", default=None, help=f"alias, Hub id or path (default: {DEMO_MODEL})"
+    )
+    parser.add_argument(
+        "--text", nargs="+", default=None, metavar="FILE",
+        help="calibration text files, or hf:NAME[:CONFIG][:SPLIT] (default: Python's pydoc help texts)",
+    )
+    parser.add_argument("--num-sequences", type=int, default=8, help="number of token windows (default: 8)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per window (default: 256)")
+    parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: 4)")
+    parser.add_argument("--out", default="runs/analyze", help="output folder (default: runs/analyze)")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from lisa_peft.analysis import analyze
+
+    try:
+        result = analyze(
+            args.model, texts=args.text, num_sequences=args.num_sequences, seq_len=args.seq_len,
+            out_dir=args.out, batch_size=args.batch_size,
+        )
+    except (BaseModelUnavailableError, FileNotFoundError, ValueError) as err:
+        print(f"lisa-peft analyze: {err}", file=sys.stderr)
+        return 1
+    print(f"{'layer':>5}  {'same-head JS':>12}  {'best-aligned JS':>15}")
+    for layer, same, best in zip(result["layers"], result["same_head_js"], result["best_aligned_js"]):
+        print(f"{layer:>5}  {same:>12.4f}  {best:>15.4f}")
+    out = Path(args.out)
+    print(f"wrote {out / 'similarity.json'} and {out / 'similarity.png'}")
+    return 0

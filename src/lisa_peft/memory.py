@@ -1,0 +1,88 @@
+"""KV-cache and adapter size accounting (analytic, no model weights needed)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .tuners.lisa.model import default_rank
+
+
+@dataclass(frozen=True)
+class KVCacheBytes:
+    """KV-cache size of one model for a batch/sequence length, base vs LiSA."""
+
+    base: int
+    lisa: int
+
+    @property
+    def ratio(self) -> float:
+        """lisa / base."""
+        return self.lisa / self.base
+
+
+def _attention_shape(model_config: Any) -> tuple[int, int, int, int]:
+    heads = model_config.num_attention_heads
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // heads
+    return model_config.num_hidden_layers, heads, kv_heads, head_dim
+
+
+def kv_cache_bytes(
+    model_config: Any,
+    lisa_layers: list[int],
+    r: int | None = None,
+    batch_size: int = 1,
+    seq_len: int = 4096,
+    dtype: torch.dtype = torch.float16,
+    keys_only: bool = False,
+) -> KVCacheBytes:
+    """Bytes of the KV cache for `batch_size` sequences of `seq_len` tokens, base vs LiSA.
+
+    A full layer caches K and V, [B, G, N, D] each; a LiSA layer caches Kr [B, G, N, r] and
+    V [B, G, N, D]. `keys_only=True` counts the key cache alone (where LiSA's saving lies).
+    `model_config` is a transformers config (or a `PeftModel`/model with `.config`).
+    """
+    model_config = getattr(model_config, "config", model_config)
+    layers, _, kv_heads, head_dim = _attention_shape(model_config)
+    r = default_rank(head_dim) if r is None else r
+    elem = torch.empty((), dtype=dtype).element_size()
+    per_token = batch_size * seq_len * kv_heads * elem
+    value = 0 if keys_only else head_dim
+    base = layers * per_token * (head_dim + value)
+    n_lisa = len(set(lisa_layers))
+    lisa = (layers - n_lisa) * per_token * (head_dim + value) + n_lisa * per_token * (r + value)
+    return KVCacheBytes(base=base, lisa=lisa)
+
+
+def model_kv_cache_bytes(
+    model: Any,
+    batch_size: int = 1,
+    seq_len: int = 4096,
+    dtype: torch.dtype | None = None,
+    adapter_name: str | None = None,
+) -> KVCacheBytes:
+    """`kv_cache_bytes` for a LiSA `PeftModel` (its active adapter unless `adapter_name` is given)."""
+    adapter_name = adapter_name or model.active_adapter
+    config = model.peft_config[adapter_name]
+    base_config = model.get_base_model().config
+    dtype = dtype or next(model.parameters()).dtype
+    return kv_cache_bytes(base_config, config.lisa_layers, config.r, batch_size, seq_len, dtype)
+
+
+def lisa_parameter_count(model_config: Any, lisa_layers: list[int], r: int | None = None, ffn_hidden: int | None = None,
+                         bias: bool = False) -> int:
+    """Number of LiSA weights: per LiSA layer Wq_r [H*r, d], Wk_r [G*r, d] and the head FFN (H->F->H)."""
+    model_config = getattr(model_config, "config", model_config)
+    _, heads, kv_heads, head_dim = _attention_shape(model_config)
+    r = default_rank(head_dim) if r is None else r
+    hidden = 2 * heads if ffn_hidden is None else ffn_hidden
+    d = model_config.hidden_size
+    proj = (heads + kv_heads) * r * (d + (1 if bias else 0))
+    ffn = heads * hidden + hidden + hidden * heads + heads
+    return len(set(lisa_layers)) * (proj + ffn)
+
+
+__all__ = ["KVCacheBytes", "kv_cache_bytes", "lisa_parameter_count", "model_kv_cache_bytes"]

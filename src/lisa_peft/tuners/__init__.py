@@ -1,0 +1,1 @@
+"""PEFT tuners shipped by lisa_peft."""

@@ -1,0 +1,142 @@
+"""`LisaConfig`: the configuration of a LiSA adapter (serialised to `adapter_config.json`).
+
+Model-independent checks run in `__post_init__`; checks that need the base model (layer range,
+`r` against the head dimension, architecture) run when the adapter is injected
+(`LisaModel._prepare_adapter_config`), and the defaults that depend on the model (`r`,
+`ffn_hidden`, the rotary planes) are resolved there and written back into this config, so the
+saved `adapter_config.json` always describes the adapter completely.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+
+from ...registration import lisa_peft_type
+
+SHARE_MODES = ("logits", "probs")
+INIT_MODES = ("identity", "random")
+KERNEL_MODES = ("auto", "triton", "torch")
+LISA_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class LisaConfig(PeftConfig):
+    """Configuration of a LiSA adapter (cross-layer attention sharing, spec `LISA.md`).
+
+    A LiSA layer replaces the self-attention scores of a pre-trained layer by a head-aligned copy
+    of the previous layer's pre-mask logits (a tiny FFN over the head axis) plus a low-rank
+    rotary score `Qr Kr^T / sqrt(D)`. Values and the output projection stay those of the base
+    layer. The full layer right before each run of LiSA layers ("anchor") hands its logits on.
+
+    Args:
+        lisa_layers: Indices of the decoder layers whose attention is replaced. Layer 0 and the
+            first `min_full_layers` layers always stay full attention.
+        r: Rank per head of the low-rank Q/K delta (even: it is made of `r/2` rotary planes).
+            `None` = head_dim/6 rounded up to an even number ("6x compression of Q and K").
+        ffn_hidden: Hidden width `F` of the head-alignment FFN. `None` = 2*H (H query heads).
+        share: `"logits"` (default): the FFN reads the previous layer's pre-mask logits and
+            `S = A + delta`. `"probs"`: the FFN reads the previous layer's probabilities and
+            `S = log(relu(A) + eps) + delta`.
+        init_lisa_weights: `"identity"`: FFN = identity map, delta = the base layer's own score
+            restricted to the `r/2` strongest rotary planes (copied rows of Wq/Wk). `"random"`:
+            small random FFN with zero output weights (ablations).
+        min_full_layers: Number of leading layers that must stay full attention (>= 1).
+        lisa_dtype: dtype of the LiSA weights and their computation ("float32", "float16",
+            "bfloat16"). `None` follows PEFT's rule: float32 LiSA weights on a float16/bfloat16
+            base model (`autocast_adapter_dtype=True`, the default), else the base dtype.
+        kernel: `"auto"` (Triton on CUDA, PyTorch elsewhere), `"triton"` or `"torch"`.
+        rotary_planes: Resolved at injection: for each LiSA layer (key = layer index as a
+            string) the rotary plane indices kept per KV head, shape [G][r/2]. Set it only to
+            reproduce an adapter exactly (loading does this from the saved config).
+        target_modules: Resolved at injection: a regex naming the `self_attn` modules wrapped
+            (LiSA layers and their anchors). Not meant to be set by hand.
+    """
+
+    lisa_layers: list[int] | None = field(
+        default=None, metadata={"help": "Decoder layer indices whose self-attention LiSA replaces."}
+    )
+    r: int | None = field(
+        default=None, metadata={"help": "Even rank per head of the low-rank Q/K delta (default head_dim/6, even)."}
+    )
+    ffn_hidden: int | None = field(
+        default=None, metadata={"help": "Hidden width of the head-alignment FFN (default 2 * num heads)."}
+    )
+    share: Literal["logits", "probs"] = field(
+        default="logits", metadata={"help": "What the head FFN reads from the previous layer: logits or probs."}
+    )
+    init_lisa_weights: Literal["identity", "random"] = field(
+        default="identity", metadata={"help": "Initialisation of the LiSA weights: identity or random."}
+    )
+    min_full_layers: int = field(
+        default=2, metadata={"help": "Number of leading layers that always keep full attention."}
+    )
+    lisa_dtype: str | None = field(
+        default=None, metadata={"help": "dtype of LiSA weights (float32/float16/bfloat16); default: PEFT rule."}
+    )
+    kernel: Literal["auto", "triton", "torch"] = field(
+        default="auto", metadata={"help": "Attention implementation of LiSA layers at inference."}
+    )
+    rotary_planes: dict[str, list[list[int]]] | None = field(
+        default=None, metadata={"help": "Resolved per layer: rotary plane indices kept per KV head [G][r/2]."}
+    )
+    target_modules: list[str] | str | None = field(
+        default=None, metadata={"help": "Resolved at injection: regex of the wrapped self_attn modules."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = lisa_peft_type()
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.lisa_layers is None:
+            raise ValueError(
+                "LisaConfig needs `lisa_layers`: the decoder layer indices whose attention LiSA replaces, "
+                "e.g. LisaConfig(lisa_layers=[8, 9, 10, 11])."
+            )
+        if isinstance(self.lisa_layers, (str, bytes)) or not hasattr(self.lisa_layers, "__iter__"):
+            raise ValueError(f"`lisa_layers` must be a list of layer indices, got {self.lisa_layers!r}.")
+        layers = list(self.lisa_layers)
+        if not layers:
+            raise ValueError("`lisa_layers` is empty: name at least one decoder layer to replace.")
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in layers):
+            raise ValueError(f"`lisa_layers` must contain integers only, got {layers!r}.")
+        duplicates = sorted({i for i in layers if layers.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"`lisa_layers` lists layers more than once: {duplicates}. Give each layer once.")
+        if isinstance(self.min_full_layers, bool) or not isinstance(self.min_full_layers, int):
+            raise ValueError(f"`min_full_layers` must be an integer >= 1, got {self.min_full_layers!r}.")
+        if self.min_full_layers < 1:
+            raise ValueError(
+                f"`min_full_layers` must be >= 1 (layer 0 has no previous layer to share), got {self.min_full_layers}."
+            )
+        too_shallow = sorted(i for i in layers if i < self.min_full_layers)
+        if too_shallow:
+            raise ValueError(
+                f"`lisa_layers` contains {too_shallow}, but the first {self.min_full_layers} layers (0.."
+                f"{self.min_full_layers - 1}) must keep full attention: shallow layers are the most sensitive and "
+                "layer 0 has no previous layer to share. Remove them or lower `min_full_layers` (>= 1)."
+            )
+        self.lisa_layers = sorted(layers)
+        if self.r is not None:
+            if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0 or self.r % 2:
+                raise ValueError(
+                    f"`r` must be a positive even integer (it is made of r/2 rotary planes), got {self.r!r}."
+                )
+        if self.ffn_hidden is not None and (
+            isinstance(self.ffn_hidden, bool) or not isinstance(self.ffn_hidden, int) or self.ffn_hidden <= 0
+        ):
+            raise ValueError(f"`ffn_hidden` must be a positive integer, got {self.ffn_hidden!r}.")
+        _check_choice("share", self.share, SHARE_MODES)
+        _check_choice("init_lisa_weights", self.init_lisa_weights, INIT_MODES)
+        _check_choice("kernel", self.kernel, KERNEL_MODES)
+        if self.lisa_dtype is not None:
+            _check_choice("lisa_dtype", self.lisa_dtype, LISA_DTYPES)
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}; got {value!r}.")

@@ -1,0 +1,305 @@
+"""`LisaAttention`: the tuner layer that wraps a LLaMA `self_attn` module.
+
+One wrapper per wrapped `self_attn`; for each adapter name it has a *role*:
+
+* `"lisa"`: the layer's attention scores are replaced (spec "LiSA layer"). It owns that
+  adapter's weights: `lisa_ffn` (head alignment), `lisa_q_proj` / `lisa_k_proj` (low-rank Q/K
+  on the kept rotary planes) and the non-trainable plane index `lisa_rotary`.
+* `"anchor"`: a full attention layer right before a run of LiSA layers. It computes attention
+  explicitly so that it can hand its pre-mask logits on (spec "Full (anchor) layer").
+
+With adapters disabled, or when the active adapter gives the layer no role, the wrapped module
+runs unchanged (bit-exact base model).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from . import functional as LF
+from .state import LisaForwardState
+
+ROLE_LISA = "lisa"
+ROLE_ANCHOR = "anchor"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class LisaHeadFFN(nn.Module):
+    """Head-alignment FFN: H -> F -> H along the head axis of a [B, H, T, N] logit tensor."""
+
+    def __init__(self, num_heads: int, hidden: int, dtype: torch.dtype, device: torch.device | None) -> None:
+        super().__init__()
+        self.up = nn.Linear(num_heads, hidden, dtype=dtype, device=device)
+        self.down = nn.Linear(hidden, num_heads, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return LF.head_ffn(x, self.up.weight, self.up.bias, self.down.weight, self.down.bias)
+
+
+class LisaRotaryIndex(nn.Module):
+    """Kept rotary planes of one LiSA layer: `index` [G, r] = [planes, planes + D/2] per KV head."""
+
+    def __init__(self, planes: torch.Tensor, head_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("index", torch.cat([planes, planes + head_dim // 2], dim=-1), persistent=False)
+
+    @property
+    def planes(self) -> torch.Tensor:
+        """[G, r/2] plane indices (each in [0, D/2))."""
+        return self.index[:, : self.index.shape[1] // 2]
+
+
+class LisaAttention(nn.Module, BaseTunerLayer):
+    """PEFT tuner layer around a LLaMA attention module (see module docstring)."""
+
+    adapter_layer_names = ("lisa_ffn", "lisa_q_proj", "lisa_k_proj")
+    other_param_names = ("lisa_rotary", "lisa_roles", "lisa_share")
+
+    def __init__(self, base_layer: nn.Module, layer_idx: int, **kwargs: Any) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.layer_idx = layer_idx
+        config = base_layer.config
+        self.num_heads: int = config.num_attention_heads
+        self.num_kv_heads: int = config.num_key_value_heads
+        self.head_dim: int = base_layer.head_dim
+        self.lisa_ffn = nn.ModuleDict()
+        self.lisa_q_proj = nn.ModuleDict()
+        self.lisa_k_proj = nn.ModuleDict()
+        self.lisa_rotary = nn.ModuleDict()
+        self.lisa_roles: dict[str, str] = {}
+        self.lisa_share: dict[str, str] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+
+    # ------------------------------------------------------------------ adapter management
+    def update_layer(
+        self, adapter_name: str, role: str, config: Any, planes: torch.Tensor | None = None
+    ) -> None:
+        """Give this layer `role` for `adapter_name`; for "lisa", create and initialise weights.
+
+        planes: [G, r/2] rotary plane indices to keep (required for the "lisa" role).
+        """
+        self.lisa_roles[adapter_name] = role
+        self.lisa_share[adapter_name] = config.share
+        if role == ROLE_LISA:
+            if planes is None:
+                raise ValueError("A LiSA layer needs its rotary planes.")
+            self._create_lisa_weights(adapter_name, config, planes)
+        self.set_adapter(self.active_adapters)
+
+    def _create_lisa_weights(self, adapter_name: str, config: Any, planes: torch.Tensor) -> None:
+        base = self.base_layer
+        weight = base.q_proj.weight
+        dtype = _DTYPES[config.lisa_dtype] if config.lisa_dtype else weight.dtype
+        device = weight.device if weight.device.type != "meta" else None
+        r, hidden = config.r, config.ffn_hidden
+        bias = base.q_proj.bias is not None
+        self.lisa_rotary[adapter_name] = LisaRotaryIndex(planes.to(torch.long), self.head_dim).to(weight.device)
+        self.lisa_q_proj[adapter_name] = nn.Linear(
+            weight.shape[1], self.num_heads * r, bias=bias, dtype=dtype, device=device
+        )
+        self.lisa_k_proj[adapter_name] = nn.Linear(
+            weight.shape[1], self.num_kv_heads * r, bias=bias, dtype=dtype, device=device
+        )
+        self.lisa_ffn[adapter_name] = LisaHeadFFN(self.num_heads, hidden, dtype, device)
+        if weight.device.type != "meta":
+            self.reset_lisa_parameters(adapter_name, config.init_lisa_weights)
+
+    @torch.no_grad()
+    def reset_lisa_parameters(self, adapter_name: str, init: str) -> None:
+        """Initialise one adapter's weights: Q/K rows copied from the kept rotary planes of the base
+        Wq/Wk (so delta starts as the base layer's partial score on those planes), FFN = identity
+        ("identity") or small random with zero output weights ("random")."""
+        self.copy_rotary_rows(adapter_name)
+        ffn = self.lisa_ffn[adapter_name]
+        h, f = self.num_heads, ffn.up.out_features
+        if init == "identity":
+            if f < 2 * h:
+                raise ValueError(
+                    f"init_lisa_weights='identity' needs ffn_hidden >= 2 * num_heads = {2 * h} to represent the "
+                    f"identity exactly (relu(x) - relu(-x)); got ffn_hidden={f}."
+                )
+            eye = torch.eye(h, dtype=ffn.up.weight.dtype, device=ffn.up.weight.device)
+            ffn.up.weight.zero_()
+            ffn.up.weight[:h] = eye
+            ffn.up.weight[h : 2 * h] = -eye
+            ffn.down.weight.zero_()
+            ffn.down.weight[:, :h] = eye
+            ffn.down.weight[:, h : 2 * h] = -eye
+            ffn.up.bias.zero_()
+            ffn.down.bias.zero_()
+        elif init == "random":
+            nn.init.normal_(ffn.up.weight, std=1.0 / math.sqrt(h))
+            ffn.up.bias.zero_()
+            ffn.down.weight.zero_()
+            ffn.down.bias.zero_()
+        else:
+            raise ValueError(f"Unknown init_lisa_weights {init!r}; expected 'identity' or 'random'.")
+
+    @torch.no_grad()
+    def copy_rotary_rows(self, adapter_name: str) -> None:
+        """Set lisa_q_proj/lisa_k_proj to the base Wq/Wk rows of the kept rotary planes."""
+        base = self.base_layer
+        index = self.lisa_rotary[adapter_name].index  # [G, r]
+        g = self.num_heads // self.num_kv_heads
+        d = self.head_dim
+        q_rows = (index.repeat_interleave(g, dim=0) + d * torch.arange(self.num_heads, device=index.device)[:, None])
+        k_rows = index + d * torch.arange(self.num_kv_heads, device=index.device)[:, None]
+        for proj, base_proj, rows in (
+            (self.lisa_q_proj[adapter_name], base.q_proj, q_rows.reshape(-1)),
+            (self.lisa_k_proj[adapter_name], base.k_proj, k_rows.reshape(-1)),
+        ):
+            proj.weight.copy_(base_proj.weight[rows])
+            if proj.bias is not None:
+                proj.bias.copy_(base_proj.bias[rows])
+
+    def _active_role(self) -> tuple[str | None, str | None]:
+        """(adapter name, role) that this forward uses, or (None, None) for the base path."""
+        if self.disable_adapters:
+            return None, None
+        active = self.active_adapters
+        if len(active) > 1:
+            raise ValueError(
+                f"LiSA replaces attention, so only one LiSA adapter can be active at a time; active: {active}. "
+                "Call model.set_adapter(name) with a single name."
+            )
+        if not active or active[0] not in self.lisa_roles:
+            return None, None
+        return active[0], self.lisa_roles[active[0]]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise ValueError(_MERGE_ERROR)
+
+    def unmerge(self) -> None:
+        raise ValueError(_MERGE_ERROR)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states [B, T, d] -> (attention output [B, T, d], probabilities [B, H, T, N] or None)."""
+        state: LisaForwardState | None = kwargs.pop("lisa_state", None)
+        adapter, role = self._active_role()
+        if role is None:
+            return self.base_layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                attention_mask=attention_mask,
+                past_key_values=past_key_values,
+                **kwargs,
+            )
+        if state is None:
+            raise RuntimeError(
+                "LiSA attention was called without its forward state. Run the whole model (the PeftModel returned "
+                "by get_peft_model / PeftModel.from_pretrained), not a single decoder layer."
+            )
+        if role == ROLE_ANCHOR:
+            return self._anchor_forward(hidden_states, position_embeddings, attention_mask, past_key_values, state)
+        return self._lisa_forward(
+            adapter, hidden_states, position_embeddings, attention_mask, past_key_values, state
+        )
+
+    def _project(self, proj: nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
+        """[B, T, d] -> [B, heads, T, e]."""
+        out = proj(x.to(proj.weight.dtype))
+        return out.view(*x.shape[:2], heads, -1).transpose(1, 2)
+
+    def _anchor_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values, state):
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        base = self.base_layer
+        q = self._project(base.q_proj, hidden_states, self.num_heads)
+        k = self._project(base.k_proj, hidden_states, self.num_kv_heads)
+        v = self._project(base.v_proj, hidden_states, self.num_kv_heads)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = _update_cache(past_key_values, k, v, self.layer_idx)
+        logits = LF.grouped_scores(q, k, base.scaling)
+        mask = LF.additive_mask(attention_mask, q.shape[2], k.shape[2], logits.dtype, logits.device)
+        probs = LF.masked_softmax(logits, mask, v.dtype)
+        out = LF.grouped_values(probs, v)
+        out = state.publish(self.layer_idx, logits, out)
+        return self._output(out), probs
+
+    def _lisa_forward(self, adapter, hidden_states, position_embeddings, attention_mask, past_key_values, state):
+        base = self.base_layer
+        rotary = self.lisa_rotary[adapter]
+        q_r = self._project(self.lisa_q_proj[adapter], hidden_states, self.num_heads)
+        k_r = self._project(self.lisa_k_proj[adapter], hidden_states, self.num_kv_heads)
+        v = self._project(base.v_proj, hidden_states, self.num_kv_heads)
+        cos_r, sin_r = select_rotary_for(position_embeddings, rotary.index, q_r.dtype)
+        g = self.num_heads // self.num_kv_heads
+        q_r = LF.apply_rotary(q_r, cos_r.repeat_interleave(g, dim=1), sin_r.repeat_interleave(g, dim=1))
+        k_r = LF.apply_rotary(k_r, cos_r, sin_r)
+        if past_key_values is not None:
+            k_r, v = _update_cache(past_key_values, k_r, v, self.layer_idx)
+        prev = state.consume(self.layer_idx - 1).to(q_r.dtype)
+        delta = LF.grouped_scores(q_r, k_r, base.scaling)
+        mask = LF.additive_mask(attention_mask, q_r.shape[2], k_r.shape[2], q_r.dtype, q_r.device)
+        share = self.lisa_share[adapter]
+        ffn_in = prev if share == "logits" else LF.masked_softmax(prev, mask, q_r.dtype)
+        logits = LF.combine_scores(self.lisa_ffn[adapter](ffn_in), delta, share)
+        probs = LF.masked_softmax(logits, mask, v.dtype)
+        out = LF.grouped_values(probs, v)
+        out = state.publish(self.layer_idx, logits, out)
+        return self._output(out), probs
+
+    def _output(self, out: torch.Tensor) -> torch.Tensor:
+        """[B, H, T, D] -> o_proj -> [B, T, d]."""
+        b, h, t, d = out.shape
+        out = out.transpose(1, 2).reshape(b, t, h * d)
+        return self.base_layer.o_proj(out.to(self.base_layer.o_proj.weight.dtype))
+
+    def __repr__(self) -> str:
+        return "lisa." + super().__repr__()
+
+
+def select_rotary_for(
+    position_embeddings: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of the kept planes, [B, G, T, r], in `dtype`."""
+    cos_r, sin_r = LF.select_rotary(position_embeddings, index)
+    return cos_r.to(dtype), sin_r.to(dtype)
+
+
+def _update_cache(cache: Any, keys: torch.Tensor, values: torch.Tensor, layer_idx: int):
+    """Append keys [B, G, T, r or D] and values [B, G, T, D] to a transformers Cache layer.
+
+    Returns the cached keys/values including the new ones. Only growing caches (`DynamicCache`)
+    are supported: pre-allocated caches pad keys to a fixed length, and LiSA's explicit masks
+    assume that all N cached positions are real tokens.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    if layers is not None and layer_idx < len(layers) and type(layers[layer_idx]) is not DynamicLayer:
+        raise ValueError(
+            f"The KV cache of layer {layer_idx} is a {type(layers[layer_idx]).__name__}. Pre-allocated caches "
+            "(StaticCache and friends) are not supported by LiSA and anchor layers: use the default DynamicCache "
+            "(do not pass cache_implementation='static' to generate)."
+        )
+    return cache.update(keys, values, layer_idx)
+
+
+_MERGE_ERROR = (
+    "LiSA adapters cannot be merged into the base weights: a LiSA layer computes its attention scores from the "
+    "previous layer's logits (head-alignment FFN) plus a low-rank rotary score, which is a different computation "
+    "graph, not a weight delta. Keep the PeftModel (or save the adapter and load it with PeftModel.from_pretrained); "
+    "use unload() to get the original base model back."
+)

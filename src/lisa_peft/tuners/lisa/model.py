@@ -1,0 +1,222 @@
+"""`LisaModel`: the PEFT tuner that turns self-attention of chosen LLaMA layers into LiSA layers."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from .config import LisaConfig
+from .layer import _MERGE_ERROR, ROLE_ANCHOR, ROLE_LISA, LisaAttention
+from .state import LisaForwardState
+
+# transformers `model_type`s whose attention follows the LLaMA contract (q/k/v/o projections,
+# rotate-half RoPE from `position_embeddings`, GQA through `num_key_value_heads`).
+SUPPORTED_MODEL_TYPES = ("llama",)
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn$")
+_HOOK_ATTR = "_lisa_state_hook"
+
+
+def default_rank(head_dim: int) -> int:
+    """head_dim / 6 rounded up to an even number (the paper's 6x compression of Q and K)."""
+    return 2 * math.ceil(head_dim / 12)
+
+
+def anchor_layers(lisa_layers: list[int]) -> list[int]:
+    """The full layers right before each run of LiSA layers."""
+    lisa = set(lisa_layers)
+    return sorted(i - 1 for i in lisa if i - 1 not in lisa)
+
+
+@torch.no_grad()
+def rotary_planes_by_weight_norm(attn: nn.Module, num_planes: int) -> torch.Tensor:
+    """Pick the `num_planes` rotary planes per KV head with the largest ||Wq plane|| * ||Wk plane||.
+
+    For query head h and plane j (dims j and j + D/2) the score contribution is bounded by the
+    product of the row-pair norms; it is summed over the query heads of each KV group.
+    Returns [G, num_planes] plane indices in [0, D/2), sorted ascending.
+    """
+    d = attn.head_dim
+    wq = attn.q_proj.weight.detach().float().view(-1, d, attn.q_proj.weight.shape[1])
+    wk = attn.k_proj.weight.detach().float().view(-1, d, attn.k_proj.weight.shape[1])
+    h, g = wq.shape[0], wk.shape[0]
+
+    def plane_norms(w: torch.Tensor) -> torch.Tensor:
+        sq = w.pow(2).sum(-1)  # [heads, D]
+        return (sq[:, : d // 2] + sq[:, d // 2 :]).sqrt()  # [heads, D/2]
+
+    q_norm = plane_norms(wq).view(g, h // g, d // 2).sum(1)
+    score = q_norm * plane_norms(wk)
+    return score.topk(num_planes, dim=-1).indices.sort(dim=-1).values
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    """The module that owns the `layers` ModuleList of decoder layers (LlamaModel)."""
+    for module in model.modules():
+        if isinstance(getattr(module, "layers", None), nn.ModuleList) and hasattr(module, "rotary_emb"):
+            return module
+    raise ValueError("Could not find the decoder stack (a module with `layers` and `rotary_emb`) in the model.")
+
+
+def _add_forward_state(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook of the decoder stack: a fresh LisaForwardState for every forward pass."""
+    kwargs["lisa_state"] = LisaForwardState()
+    return args, kwargs
+
+
+class LisaModel(BaseTuner):
+    """Creates LiSA layers from a pre-trained LLaMA-architecture model (spec `LISA.md`).
+
+    Example:
+        ```py
+        >>> import lisa_peft
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, lisa_peft.LisaConfig(lisa_layers=[8, 9, 10, 11]))
+        ```
+    """
+
+    prefix: str = "lisa_"
+    tuner_layer_cls = LisaAttention
+    target_module_mapping: dict[str, list[str]] = {}
+
+    # ------------------------------------------------------------------ config and injection
+    def _prepare_adapter_config(self, peft_config: LisaConfig, model_config: dict) -> LisaConfig:
+        model_type = model_config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"LiSA supports LLaMA-architecture models (model_type in {list(SUPPORTED_MODEL_TYPES)}); this model "
+                f"has model_type={model_type!r}."
+            )
+        num_layers = model_config["num_hidden_layers"]
+        out_of_range = [i for i in peft_config.lisa_layers if i >= num_layers]
+        if out_of_range:
+            raise ValueError(
+                f"`lisa_layers` contains {out_of_range}, but the model has {num_layers} layers (0..{num_layers - 1})."
+            )
+        heads = model_config["num_attention_heads"]
+        head_dim = model_config.get("head_dim") or model_config["hidden_size"] // heads
+        if peft_config.r is None:
+            peft_config.r = default_rank(head_dim)
+        if peft_config.r > head_dim:
+            raise ValueError(
+                f"`r`={peft_config.r} is larger than the head dimension {head_dim}: the low-rank Q/K keep at most "
+                f"head_dim/2 rotary planes. Use an even r <= {head_dim}."
+            )
+        if peft_config.ffn_hidden is None:
+            peft_config.ffn_hidden = 2 * heads
+        if peft_config.rotary_planes is None:
+            peft_config.rotary_planes = {}
+        wrapped = sorted(set(peft_config.lisa_layers) | set(anchor_layers(peft_config.lisa_layers)))
+        peft_config.target_modules = r"(.*\.)?layers\.(" + "|".join(map(str, wrapped)) + r")\.self_attn"
+        return peft_config
+
+    def _check_new_adapter_config(self, config: LisaConfig) -> None:
+        if not isinstance(config, LisaConfig):
+            raise TypeError(f"LisaModel takes a LisaConfig, got {type(config).__name__}.")
+
+    def _create_and_replace(
+        self,
+        peft_config: LisaConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        match = _LAYER_KEY.search(current_key)
+        if match is None:
+            raise ValueError(f"LiSA wraps `layers.<i>.self_attn` modules only; got {current_key!r}.")
+        layer_idx = int(match.group(1))
+        base = target.get_base_layer() if isinstance(target, LisaAttention) else target
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "config"):
+            if not hasattr(base, name):
+                raise ValueError(
+                    f"{current_key} ({type(base).__name__}) does not follow the LLaMA attention contract: missing "
+                    f"`{name}`. LiSA supports model types {list(SUPPORTED_MODEL_TYPES)}."
+                )
+        role = ROLE_LISA if layer_idx in peft_config.lisa_layers else ROLE_ANCHOR
+        planes = self._resolve_planes(peft_config, base, layer_idx) if role == ROLE_LISA else None
+        if isinstance(target, LisaAttention):
+            target.update_layer(adapter_name, role, peft_config, planes)
+            return
+        new_module = LisaAttention(base, layer_idx)
+        new_module.update_layer(adapter_name, role, peft_config, planes)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _resolve_planes(config: LisaConfig, attn: nn.Module, layer_idx: int) -> torch.Tensor:
+        """[G, r/2] rotary planes of a LiSA layer: from the config if saved there, else chosen by weight norms."""
+        key = str(layer_idx)
+        num_kv = attn.config.num_key_value_heads
+        half = config.r // 2
+        if key in config.rotary_planes:
+            planes = torch.tensor(config.rotary_planes[key], dtype=torch.long)
+            if planes.shape != (num_kv, half) or planes.min() < 0 or planes.max() >= attn.head_dim // 2:
+                raise ValueError(
+                    f"rotary_planes[{key!r}] has shape {tuple(planes.shape)} / values out of range; expected "
+                    f"[{num_kv}][{half}] plane indices in [0, {attn.head_dim // 2}). The adapter was made for a "
+                    "model of a different shape."
+                )
+            return planes
+        planes = rotary_planes_by_weight_norm(attn, half)
+        config.rotary_planes[key] = planes.tolist()
+        return planes
+
+    def _post_injection_hook(self, model: nn.Module, config: LisaConfig, adapter_name: str) -> None:
+        backbone = _backbone(model)
+        if getattr(backbone, _HOOK_ATTR, None) is None:
+            handle = backbone.register_forward_pre_hook(_add_forward_state, with_kwargs=True)
+            setattr(backbone, _HOOK_ATTR, handle)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        setattr(parent, child_name, new_module)
+        if not isinstance(new_module, LisaAttention):  # unloading: nothing to move
+            return
+        device = new_module.base_layer.q_proj.weight.device
+        for name, module in new_module.named_modules():
+            if self.prefix in name and device.type != "meta":
+                module.to(device)
+
+    # ------------------------------------------------------------------ PEFT semantics
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if len(names) != 1:
+            raise ValueError(
+                f"LiSA replaces attention, so exactly one LiSA adapter can be active at a time; got {names}."
+            )
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """An explicit `lisa_dtype` wins; otherwise PEFT's rule (half-precision adapters upcast to float32)."""
+        lisa_dtype = self.peft_config[adapter_name].lisa_dtype
+        if lisa_dtype is None:
+            super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+            return
+        dtype = getattr(torch, lisa_dtype)
+        for module in self.model.modules():
+            if isinstance(module, LisaAttention):
+                for name in module.adapter_layer_names:
+                    container = getattr(module, name)
+                    if adapter_name in container:
+                        container[adapter_name].to(dtype)
+
+    def _check_merge_allowed(self) -> None:
+        raise ValueError(_MERGE_ERROR)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs: Any) -> nn.Module:
+        if merge:
+            self._check_merge_allowed()
+        model = super()._unload_and_optionally_merge(merge=False, **kwargs)
+        backbone = _backbone(model)
+        handle = getattr(backbone, _HOOK_ATTR, None)
+        if handle is not None:
+            handle.remove()
+            delattr(backbone, _HOOK_ATTR)
+        return model

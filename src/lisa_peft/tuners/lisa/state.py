@@ -1,0 +1,78 @@
+"""Per-forward state that carries pre-mask logits from one layer to the next.
+
+A fresh `LisaForwardState` is put into the keyword arguments of the decoder stack's forward by
+a pre-hook (`LisaModel`), and transformers passes those keyword arguments on to every
+`self_attn`. Logits are stored by layer index, never as "the latest", and a layer writes its
+slot only once per forward. This keeps gradient checkpointing correct:
+
+* non-reentrant checkpointing (transformers' default) recomputes a layer with the same keyword
+  arguments, so a LiSA layer re-reads the *original* logits tensor of the previous layer and
+  autograd flows through it as without checkpointing;
+* reentrant checkpointing runs the first forward under `no_grad`, so the stored logits carry no
+  graph. On recompute the reading layer turns them into a leaf that requires grad (a
+  "bridge"); when the producing layer is recomputed later in the backward pass (always after
+  its consumer, reentrant backward runs layer by layer in reverse), it re-injects the
+  gradient collected on that leaf into its own graph with `_InjectGrad`. The result is the same
+  gradient as without checkpointing (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _InjectGrad(torch.autograd.Function):
+    """y = x in forward; in backward also sends `extra_grad` into `logits`' graph."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, logits: torch.Tensor, extra_grad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(extra_grad)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (extra_grad,) = ctx.saved_tensors
+        return grad_out, extra_grad, None
+
+
+class LisaForwardState:
+    """Logits handed between layers during one forward pass of the decoder stack."""
+
+    def __init__(self) -> None:
+        self._logits: dict[int, torch.Tensor] = {}
+        self._made_with_grad: dict[int, bool] = {}
+        self._bridges: dict[int, torch.Tensor] = {}
+
+    def publish(self, layer_idx: int, logits: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """Store layer `layer_idx`'s pre-mask logits [B, H, T, N]; returns `output` (maybe hooked).
+
+        On the backward-pass recompute of reentrant checkpointing the stored tensor is kept and
+        the gradient that the next layer collected for it is routed into `logits`' graph
+        through `output` (which must lie on the layer's output path).
+        """
+        if layer_idx not in self._logits:
+            self._logits[layer_idx] = logits
+            self._made_with_grad[layer_idx] = torch.is_grad_enabled()
+            return output
+        bridge = self._bridges.pop(layer_idx, None)
+        if bridge is not None and bridge.grad is not None and torch.is_grad_enabled() and logits.requires_grad:
+            return _InjectGrad.apply(output, logits, bridge.grad.to(logits.dtype))
+        return output
+
+    def consume(self, layer_idx: int) -> torch.Tensor:
+        """The pre-mask logits of layer `layer_idx`, for the LiSA layer right after it."""
+        if layer_idx not in self._logits:
+            raise RuntimeError(
+                f"LiSA needs the attention logits of layer {layer_idx}, but that layer did not produce them in "
+                "this forward pass. The decoder layers must run in order within one call of the model; calling "
+                "a LiSA layer on its own is not supported."
+            )
+        logits = self._logits[layer_idx]
+        if torch.is_grad_enabled() and not self._made_with_grad[layer_idx] and not logits.requires_grad:
+            # Reentrant-checkpoint recompute: collect the gradient w.r.t. these logits on a leaf.
+            bridge = self._bridges.get(layer_idx)
+            if bridge is None:
+                bridge = logits.detach().requires_grad_(True)
+                self._bridges[layer_idx] = bridge
+            return bridge
+        return logits
