@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from conftest_hub import hub_client, hub_server  # noqa: F401  (offline Hub test infrastructure)
 
 import lisa_peft  # noqa: F401  (registers the LISA PEFT method)
 

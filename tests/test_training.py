@@ -47,12 +47,12 @@ def test_cross_layer_gradient_path_is_real(input_ids):
     with torch.no_grad():
         model.base_model.model.model.layers[3].self_attn.base_layer.o_proj.weight.zero_()
     grads = _lisa_grads(model, input_ids)
-    assert grads["base_model.model.model.layers.3.self_attn.lisa_ffn.default.down.weight"].abs().sum() > 0
+    assert grads["base_model.model.model.layers.3.self_attn.lisa_ffn_down.default.weight"].abs().sum() > 0
     model.set_adapter("default")
     with torch.no_grad():  # cut the chain too: layer 4's FFN no longer reads layer 3's logits
-        model.base_model.model.model.layers[4].self_attn.lisa_ffn["default"].down.weight.zero_()
+        model.base_model.model.model.layers[4].self_attn.lisa_ffn_down["default"].weight.zero_()
     grads = _lisa_grads(model, input_ids)
-    assert grads["base_model.model.model.layers.3.self_attn.lisa_ffn.default.down.weight"].abs().sum() == 0
+    assert grads["base_model.model.model.layers.3.self_attn.lisa_ffn_down.default.weight"].abs().sum() == 0
 
 
 class _TokenDataset(torch.utils.data.Dataset):

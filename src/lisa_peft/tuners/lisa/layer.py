@@ -3,8 +3,9 @@
 One wrapper per wrapped `self_attn`; for each adapter name it has a *role*:
 
 * `"lisa"`: the layer's attention scores are replaced (spec "LiSA layer"). It owns that
-  adapter's weights: `lisa_ffn` (head alignment), `lisa_q_proj` / `lisa_k_proj` (low-rank Q/K
-  on the kept rotary planes) and the non-trainable plane index `lisa_rotary`.
+  adapter's weights: `lisa_ffn_up` / `lisa_ffn_down` (head alignment FFN, W1/b1 and W2/b2),
+  `lisa_q_proj` / `lisa_k_proj` (low-rank Q/K on the kept rotary planes) and the
+  non-trainable plane index `lisa_rotary`.
 * `"anchor"`: a full attention layer right before a run of LiSA layers. It computes attention
   explicitly so that it can hand its pre-mask logits on (spec "Full (anchor) layer").
 
@@ -29,18 +30,6 @@ ROLE_ANCHOR = "anchor"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class LisaHeadFFN(nn.Module):
-    """Head-alignment FFN: H -> F -> H along the head axis of a [B, H, T, N] logit tensor."""
-
-    def __init__(self, num_heads: int, hidden: int, dtype: torch.dtype, device: torch.device | None) -> None:
-        super().__init__()
-        self.up = nn.Linear(num_heads, hidden, dtype=dtype, device=device)
-        self.down = nn.Linear(hidden, num_heads, dtype=dtype, device=device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return LF.head_ffn(x, self.up.weight, self.up.bias, self.down.weight, self.down.bias)
-
-
 class LisaRotaryIndex(nn.Module):
     """Kept rotary planes of one LiSA layer: `index` [G, r] = [planes, planes + D/2] per KV head."""
 
@@ -57,7 +46,7 @@ class LisaRotaryIndex(nn.Module):
 class LisaAttention(nn.Module, BaseTunerLayer):
     """PEFT tuner layer around a LLaMA attention module (see module docstring)."""
 
-    adapter_layer_names = ("lisa_ffn", "lisa_q_proj", "lisa_k_proj")
+    adapter_layer_names = ("lisa_q_proj", "lisa_k_proj", "lisa_ffn_up", "lisa_ffn_down")
     other_param_names = ("lisa_rotary", "lisa_roles", "lisa_share")
 
     def __init__(self, base_layer: nn.Module, layer_idx: int, **kwargs: Any) -> None:
@@ -68,7 +57,8 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         self.num_heads: int = config.num_attention_heads
         self.num_kv_heads: int = config.num_key_value_heads
         self.head_dim: int = base_layer.head_dim
-        self.lisa_ffn = nn.ModuleDict()
+        self.lisa_ffn_up = nn.ModuleDict()
+        self.lisa_ffn_down = nn.ModuleDict()
         self.lisa_q_proj = nn.ModuleDict()
         self.lisa_k_proj = nn.ModuleDict()
         self.lisa_rotary = nn.ModuleDict()
@@ -108,7 +98,8 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         self.lisa_k_proj[adapter_name] = nn.Linear(
             weight.shape[1], self.num_kv_heads * r, bias=bias, dtype=dtype, device=device
         )
-        self.lisa_ffn[adapter_name] = LisaHeadFFN(self.num_heads, hidden, dtype, device)
+        self.lisa_ffn_up[adapter_name] = nn.Linear(self.num_heads, hidden, dtype=dtype, device=device)
+        self.lisa_ffn_down[adapter_name] = nn.Linear(hidden, self.num_heads, dtype=dtype, device=device)
         if weight.device.type != "meta":
             self.reset_lisa_parameters(adapter_name, config.init_lisa_weights)
 
@@ -118,28 +109,28 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         Wq/Wk (so delta starts as the base layer's partial score on those planes), FFN = identity
         ("identity") or small random with zero output weights ("random")."""
         self.copy_rotary_rows(adapter_name)
-        ffn = self.lisa_ffn[adapter_name]
-        h, f = self.num_heads, ffn.up.out_features
+        up, down = self.lisa_ffn_up[adapter_name], self.lisa_ffn_down[adapter_name]
+        h, f = self.num_heads, up.out_features
         if init == "identity":
             if f < 2 * h:
                 raise ValueError(
                     f"init_lisa_weights='identity' needs ffn_hidden >= 2 * num_heads = {2 * h} to represent the "
                     f"identity exactly (relu(x) - relu(-x)); got ffn_hidden={f}."
                 )
-            eye = torch.eye(h, dtype=ffn.up.weight.dtype, device=ffn.up.weight.device)
-            ffn.up.weight.zero_()
-            ffn.up.weight[:h] = eye
-            ffn.up.weight[h : 2 * h] = -eye
-            ffn.down.weight.zero_()
-            ffn.down.weight[:, :h] = eye
-            ffn.down.weight[:, h : 2 * h] = -eye
-            ffn.up.bias.zero_()
-            ffn.down.bias.zero_()
+            eye = torch.eye(h, dtype=up.weight.dtype, device=up.weight.device)
+            up.weight.zero_()
+            up.weight[:h] = eye
+            up.weight[h : 2 * h] = -eye
+            down.weight.zero_()
+            down.weight[:, :h] = eye
+            down.weight[:, h : 2 * h] = -eye
+            up.bias.zero_()
+            down.bias.zero_()
         elif init == "random":
-            nn.init.normal_(ffn.up.weight, std=1.0 / math.sqrt(h))
-            ffn.up.bias.zero_()
-            ffn.down.weight.zero_()
-            ffn.down.bias.zero_()
+            nn.init.normal_(up.weight, std=1.0 / math.sqrt(h))
+            up.bias.zero_()
+            down.weight.zero_()
+            down.bias.zero_()
         else:
             raise ValueError(f"Unknown init_lisa_weights {init!r}; expected 'identity' or 'random'.")
 
@@ -173,9 +164,6 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         if not active or active[0] not in self.lisa_roles:
             return None, None
         return active[0], self.lisa_roles[active[0]]
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(_MERGE_ERROR)
@@ -254,11 +242,16 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         mask = LF.additive_mask(attention_mask, q_r.shape[2], k_r.shape[2], q_r.dtype, q_r.device)
         share = self.lisa_share[adapter]
         ffn_in = prev if share == "logits" else LF.masked_softmax(prev, mask, q_r.dtype)
-        logits = LF.combine_scores(self.lisa_ffn[adapter](ffn_in), delta, share)
+        logits = LF.combine_scores(self.head_ffn(adapter, ffn_in), delta, share)
         probs = LF.masked_softmax(logits, mask, v.dtype)
         out = LF.grouped_values(probs, v)
         out = state.publish(self.layer_idx, logits, out)
         return self._output(out), probs
+
+    def head_ffn(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        """The head-alignment FFN of `adapter` on [B, H, T, N] logits or probabilities."""
+        up, down = self.lisa_ffn_up[adapter], self.lisa_ffn_down[adapter]
+        return LF.head_ffn(x, up.weight, up.bias, down.weight, down.bias)
 
     def _output(self, out: torch.Tensor) -> torch.Tensor:
         """[B, H, T, D] -> o_proj -> [B, T, d]."""

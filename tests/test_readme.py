@@ -1,0 +1,41 @@
+"""The README's Quick start block and the package docstring example run as written."""
+
+from __future__ import annotations
+
+import doctest
+import re
+from pathlib import Path
+
+import lisa_peft
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _quick_start_code() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match, "README Quick start has no python block"
+    return match.group(1)
+
+
+def test_readme_quick_start_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(_quick_start_code(), "README.md", "exec"), namespace)
+    assert "trainable params" in capsys.readouterr().out
+    assert (tmp_path / "runs/readme-adapter/adapter_model.safetensors").exists()
+    assert namespace["out"].shape == (1, 24)
+    assert type(namespace["reloaded"].peft_config["default"]).__name__ == "LisaConfig"
+
+
+def test_readme_first_lines_give_two_commands():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert lines[0] == "# lisa-peft"
+    commands = [line for line in lines[2:4] if line.startswith("- ")]
+    assert len(commands) == 2 and "bash scripts/run_tests.sh" in commands[1]
+
+
+def test_package_docstring_example():
+    result = doctest.testmod(lisa_peft, verbose=False)
+    assert result.attempted >= 4 and result.failed == 0
