@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
-import transformers
+import os
+
+# Before anything imports triton (transformers does, via torch._dynamo): Triton kernels run in
+# the CPU interpreter in tests. Start pytest with TRITON_INTERPRET=0 on a GPU to run them natively.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 from conftest_hub import hub_client, hub_server  # noqa: F401  (offline Hub test infrastructure)
 
 import lisa_peft  # noqa: F401  (registers the LISA PEFT method)

@@ -9,15 +9,16 @@ saved `adapter_config.json` always describes the adapter completely.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from peft.config import PeftConfig
 
 from ...registration import lisa_peft_type
 
 SHARE_MODES = ("logits", "probs")
-INIT_MODES = ("identity", "random")
+INIT_MODES = ("calibrate", "identity", "random")
 KERNEL_MODES = ("auto", "triton", "torch")
 LISA_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -32,17 +33,24 @@ class LisaConfig(PeftConfig):
     layer. The full layer right before each run of LiSA layers ("anchor") hands its logits on.
 
     Args:
-        lisa_layers: Indices of the decoder layers whose attention is replaced. Layer 0 and the
-            first `min_full_layers` layers always stay full attention.
+        lisa_layers: Indices of the decoder layers whose attention is replaced, or `"auto"`: pick
+            the `target_fraction` least sensitive layers from calibration data (only through
+            `lisa_peft.convert`, which writes the resolved list here and the scores into
+            `layer_scores`). Layer 0 and the first `min_full_layers` layers always stay full.
+        target_fraction: With `lisa_layers="auto"`: the fraction of all layers to make LiSA.
         r: Rank per head of the low-rank Q/K delta (even: it is made of `r/2` rotary planes).
             `None` = head_dim/6 rounded up to an even number ("6x compression of Q and K").
         ffn_hidden: Hidden width `F` of the head-alignment FFN. `None` = 2*H (H query heads).
         share: `"logits"` (default): the FFN reads the previous layer's pre-mask logits and
             `S = A + delta`. `"probs"`: the FFN reads the previous layer's probabilities and
             `S = log(relu(A) + eps) + delta`.
-        init_lisa_weights: `"identity"`: FFN = identity map, delta = the base layer's own score
-            restricted to the `r/2` strongest rotary planes (copied rows of Wq/Wk). `"random"`:
-            small random FFN with zero output weights (ablations).
+        init_lisa_weights: `"calibrate"`: planes chosen by their contribution to the scores on
+            calibration text, FFN fitted by least squares to the residual (spec), done by
+            `lisa_peft.convert` (it needs data, which `get_peft_model` does not have: there the
+            default stays `"identity"`, a decision of ours). `"identity"`: FFN = identity map,
+            delta = the base layer's own score restricted to the `r/2` rotary planes with the
+            largest weight-norm products (copied rows of Wq/Wk). `"random"`: small random FFN
+            with zero output weights (ablations).
         min_full_layers: Number of leading layers that must stay full attention (>= 1).
         lisa_dtype: dtype of the LiSA weights and their computation ("float32", "float16",
             "bfloat16"). `None` follows PEFT's rule: float32 LiSA weights on a float16/bfloat16
@@ -51,12 +59,22 @@ class LisaConfig(PeftConfig):
         rotary_planes: Resolved at injection: for each LiSA layer (key = layer index as a
             string) the rotary plane indices kept per KV head, shape [G][r/2]. Set it only to
             reproduce an adapter exactly (loading does this from the saved config).
+        base_model_shape: Resolved at injection: the attention shape of the base model the adapter
+            was made for (`num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`,
+            `head_dim`, `hidden_size`). Loading onto a base of another shape fails with a clear error
+            (`LisaModel._prepare_adapter_config`, `lisa_peft.hub.check_adapter_compatible`).
+            Adapters saved before this field existed load without the check.
+        layer_scores: Written by `lisa_peft.convert`: per-layer sensitivity numbers that decided
+            `lisa_layers="auto"` (and calibration statistics).
         target_modules: Resolved at injection: a regex naming the `self_attn` modules wrapped
             (LiSA layers and their anchors). Not meant to be set by hand.
     """
 
-    lisa_layers: list[int] | None = field(
-        default=None, metadata={"help": "Decoder layer indices whose self-attention LiSA replaces."}
+    lisa_layers: list[int] | str | None = field(
+        default=None, metadata={"help": "Decoder layer indices whose self-attention LiSA replaces, or 'auto'."}
+    )
+    target_fraction: float | None = field(
+        default=None, metadata={"help": "With lisa_layers='auto': fraction of all layers to make LiSA."}
     )
     r: int | None = field(
         default=None, metadata={"help": "Even rank per head of the low-rank Q/K delta (default head_dim/6, even)."}
@@ -82,6 +100,12 @@ class LisaConfig(PeftConfig):
     rotary_planes: dict[str, list[list[int]]] | None = field(
         default=None, metadata={"help": "Resolved per layer: rotary plane indices kept per KV head [G][r/2]."}
     )
+    base_model_shape: dict[str, int] | None = field(
+        default=None, metadata={"help": "Resolved at injection: attention shape of the base model (layers, heads...)."}
+    )
+    layer_scores: dict | None = field(
+        default=None, metadata={"help": "Written by lisa_peft.convert: per-layer sensitivity and calibration stats."}
+    )
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Resolved at injection: regex of the wrapped self_attn modules."}
     )
@@ -95,8 +119,16 @@ class LisaConfig(PeftConfig):
         if self.lisa_layers is None:
             raise ValueError(
                 "LisaConfig needs `lisa_layers`: the decoder layer indices whose attention LiSA replaces, "
-                "e.g. LisaConfig(lisa_layers=[8, 9, 10, 11])."
+                "e.g. LisaConfig(lisa_layers=[8, 9, 10, 11]), or 'auto' with target_fraction (lisa_peft.convert)."
             )
+        self._validate_options()
+        if self.lisa_layers == "auto":
+            if self.target_fraction is None or not 0 < self.target_fraction < 1:
+                raise ValueError(
+                    "lisa_layers='auto' needs `target_fraction` in (0, 1): the fraction of layers to make LiSA, "
+                    f"e.g. 0.4; got {self.target_fraction!r}."
+                )
+            return
         if isinstance(self.lisa_layers, (str, bytes)) or not hasattr(self.lisa_layers, "__iter__"):
             raise ValueError(f"`lisa_layers` must be a list of layer indices, got {self.lisa_layers!r}.")
         layers = list(self.lisa_layers)
@@ -107,12 +139,6 @@ class LisaConfig(PeftConfig):
         duplicates = sorted({i for i in layers if layers.count(i) > 1})
         if duplicates:
             raise ValueError(f"`lisa_layers` lists layers more than once: {duplicates}. Give each layer once.")
-        if isinstance(self.min_full_layers, bool) or not isinstance(self.min_full_layers, int):
-            raise ValueError(f"`min_full_layers` must be an integer >= 1, got {self.min_full_layers!r}.")
-        if self.min_full_layers < 1:
-            raise ValueError(
-                f"`min_full_layers` must be >= 1 (layer 0 has no previous layer to share), got {self.min_full_layers}."
-            )
         too_shallow = sorted(i for i in layers if i < self.min_full_layers)
         if too_shallow:
             raise ValueError(
@@ -121,6 +147,14 @@ class LisaConfig(PeftConfig):
                 "layer 0 has no previous layer to share. Remove them or lower `min_full_layers` (>= 1)."
             )
         self.lisa_layers = sorted(layers)
+
+    def _validate_options(self) -> None:
+        if isinstance(self.min_full_layers, bool) or not isinstance(self.min_full_layers, int):
+            raise ValueError(f"`min_full_layers` must be an integer >= 1, got {self.min_full_layers!r}.")
+        if self.min_full_layers < 1:
+            raise ValueError(
+                f"`min_full_layers` must be >= 1 (layer 0 has no previous layer to share), got {self.min_full_layers}."
+            )
         if self.r is not None:
             if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0 or self.r % 2:
                 raise ValueError(
@@ -135,6 +169,33 @@ class LisaConfig(PeftConfig):
         _check_choice("kernel", self.kernel, KERNEL_MODES)
         if self.lisa_dtype is not None:
             _check_choice("lisa_dtype", self.lisa_dtype, LISA_DTYPES)
+
+
+BASE_SHAPE_KEYS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_size")
+
+
+def base_model_shape(model_config: Mapping[str, Any] | Any) -> dict[str, int]:
+    """The base-model attention shape a LiSA adapter depends on, from a config dict or object."""
+    def get(key: str) -> Any:
+        return model_config.get(key) if isinstance(model_config, Mapping) else getattr(model_config, key, None)
+
+    heads = get("num_attention_heads")
+    return {
+        "num_hidden_layers": get("num_hidden_layers"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("num_key_value_heads") or heads,
+        "head_dim": get("head_dim") or get("hidden_size") // heads,
+        "hidden_size": get("hidden_size"),
+    }
+
+
+def base_shape_mismatch(saved: Mapping[str, Any] | None, actual: Mapping[str, Any]) -> str | None:
+    """None if `saved` (an adapter's `base_model_shape`, None = unknown) fits `actual`, else a description."""
+    if not saved:
+        return None
+    diffs = [f"{key} {saved[key]} (adapter) vs {actual.get(key)} (base)" for key in BASE_SHAPE_KEYS
+             if key in saved and saved[key] != actual.get(key)]
+    return "; ".join(diffs) or None
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

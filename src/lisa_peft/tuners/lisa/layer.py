@@ -111,7 +111,7 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         self.copy_rotary_rows(adapter_name)
         up, down = self.lisa_ffn_up[adapter_name], self.lisa_ffn_down[adapter_name]
         h, f = self.num_heads, up.out_features
-        if init == "identity":
+        if init in ("identity", "calibrate"):  # "calibrate": lisa_peft.convert fits the FFN afterwards
             if f < 2 * h:
                 raise ValueError(
                     f"init_lisa_weights='identity' needs ffn_hidden >= 2 * num_heads = {2 * h} to represent the "
@@ -132,7 +132,7 @@ class LisaAttention(nn.Module, BaseTunerLayer):
             down.weight.zero_()
             down.bias.zero_()
         else:
-            raise ValueError(f"Unknown init_lisa_weights {init!r}; expected 'identity' or 'random'.")
+            raise ValueError(f"Unknown init_lisa_weights {init!r}; expected 'calibrate', 'identity' or 'random'.")
 
     @torch.no_grad()
     def copy_rotary_rows(self, adapter_name: str) -> None:
@@ -225,27 +225,36 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         out = state.publish(self.layer_idx, logits, out)
         return self._output(out), probs
 
-    def _lisa_forward(self, adapter, hidden_states, position_embeddings, attention_mask, past_key_values, state):
-        base = self.base_layer
-        rotary = self.lisa_rotary[adapter]
+    def lisa_projections(
+        self, adapter: str, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary-embedded low-rank queries [B, H, T, r] and keys [B, G, T, r] of `adapter`."""
         q_r = self._project(self.lisa_q_proj[adapter], hidden_states, self.num_heads)
         k_r = self._project(self.lisa_k_proj[adapter], hidden_states, self.num_kv_heads)
-        v = self._project(base.v_proj, hidden_states, self.num_kv_heads)
-        cos_r, sin_r = select_rotary_for(position_embeddings, rotary.index, q_r.dtype)
+        cos_r, sin_r = select_rotary_for(position_embeddings, self.lisa_rotary[adapter].index, q_r.dtype)
         g = self.num_heads // self.num_kv_heads
         q_r = LF.apply_rotary(q_r, cos_r.repeat_interleave(g, dim=1), sin_r.repeat_interleave(g, dim=1))
-        k_r = LF.apply_rotary(k_r, cos_r, sin_r)
-        if past_key_values is not None:
-            k_r, v = _update_cache(past_key_values, k_r, v, self.layer_idx)
-        prev = state.consume(self.layer_idx - 1).to(q_r.dtype)
-        delta = LF.grouped_scores(q_r, k_r, base.scaling)
-        mask = LF.additive_mask(attention_mask, q_r.shape[2], k_r.shape[2], q_r.dtype, q_r.device)
+        return q_r, LF.apply_rotary(k_r, cos_r, sin_r)
+
+    def lisa_logits(
+        self, adapter: str, q_r: torch.Tensor, k_r: torch.Tensor, prev_logits: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """This layer's pre-mask logits [B, H, T, N] from the previous layer's [B, H, T, N]."""
+        prev = prev_logits.to(q_r.dtype)
+        delta = LF.grouped_scores(q_r, k_r, self.base_layer.scaling)
         share = self.lisa_share[adapter]
         ffn_in = prev if share == "logits" else LF.masked_softmax(prev, mask, q_r.dtype)
-        logits = LF.combine_scores(self.head_ffn(adapter, ffn_in), delta, share)
+        return LF.combine_scores(self.head_ffn(adapter, ffn_in), delta, share)
+
+    def _lisa_forward(self, adapter, hidden_states, position_embeddings, attention_mask, past_key_values, state):
+        q_r, k_r = self.lisa_projections(adapter, hidden_states, position_embeddings)
+        v = self._project(self.base_layer.v_proj, hidden_states, self.num_kv_heads)
+        if past_key_values is not None:
+            k_r, v = _update_cache(past_key_values, k_r, v, self.layer_idx)
+        mask = LF.additive_mask(attention_mask, q_r.shape[2], k_r.shape[2], q_r.dtype, q_r.device)
+        logits = self.lisa_logits(adapter, q_r, k_r, state.consume(self.layer_idx - 1), mask)
         probs = LF.masked_softmax(logits, mask, v.dtype)
-        out = LF.grouped_values(probs, v)
-        out = state.publish(self.layer_idx, logits, out)
+        out = state.publish(self.layer_idx, logits, LF.grouped_values(probs, v))
         return self._output(out), probs
 
     def head_ffn(self, adapter: str, x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from .config import LisaConfig
+from .config import LisaConfig, base_model_shape, base_shape_mismatch
 from .layer import _MERGE_ERROR, ROLE_ANCHOR, ROLE_LISA, LisaAttention
 from .state import LisaForwardState
 
@@ -91,6 +91,19 @@ class LisaModel(BaseTuner):
                 f"LiSA supports LLaMA-architecture models (model_type in {list(SUPPORTED_MODEL_TYPES)}); this model "
                 f"has model_type={model_type!r}."
             )
+        if peft_config.lisa_layers == "auto":
+            raise ValueError(
+                "lisa_layers='auto' chooses layers from calibration data, which get_peft_model does not have. "
+                "Use lisa_peft.convert(model, tokenizer, config, calibration_texts=...) instead."
+            )
+        shape = base_model_shape(model_config)  # recorded so that loading onto another shape fails clearly
+        mismatch = base_shape_mismatch(peft_config.base_model_shape, shape)
+        if mismatch:
+            raise ValueError(
+                f"This LiSA adapter was made for a base model of another shape: {mismatch}. Load it onto the base "
+                "model named in its adapter_config.json (base_model_name_or_path)."
+            )
+        peft_config.base_model_shape = shape
         num_layers = model_config["num_hidden_layers"]
         out_of_range = [i for i in peft_config.lisa_layers if i >= num_layers]
         if out_of_range:
@@ -110,6 +123,13 @@ class LisaModel(BaseTuner):
             peft_config.ffn_hidden = 2 * heads
         if peft_config.rotary_planes is None:
             peft_config.rotary_planes = {}
+        missing_planes = [i for i in peft_config.lisa_layers if str(i) not in peft_config.rotary_planes]
+        if peft_config.init_lisa_weights == "calibrate" and missing_planes:
+            raise ValueError(
+                "init_lisa_weights='calibrate' fits the LiSA weights on calibration text, which get_peft_model does "
+                "not have. Use lisa_peft.convert(model, tokenizer, config, calibration_texts=...), or "
+                "init_lisa_weights='identity' here."
+            )
         wrapped = sorted(set(peft_config.lisa_layers) | set(anchor_layers(peft_config.lisa_layers)))
         peft_config.target_modules = r"(.*\.)?layers\.(" + "|".join(map(str, wrapped)) + r")\.self_attn"
         return peft_config

@@ -1,0 +1,266 @@
+"""Triton kernel: fused LiSA decode step (one new query token per sequence).
+
+Program grid and why
+--------------------
+The head-alignment FFN mixes the H heads of each key position, so whoever computes the
+logits of a key tile needs the ``prev_logits`` rows of *all* H heads for that tile.  The P·V
+product, on the other hand, wants the query heads that share one kv head together (GQA), so that
+a V tile is read once and fed to a single ``tl.dot``.  We therefore launch one program per
+(batch b, kv head, key split) -- the flash-decoding layout -- and in every program, for each key
+tile of its split:
+
+1. load ``prev[b, :, tile]`` for all H heads (``[H, BLOCK_N]``, a few KiB) and compute the FFN
+   hidden layer ``relu(W1 @ X + b1)`` (``[F, BLOCK_N]``) with ``tl.dot``;
+2. keep only the g query heads of this kv group: ``A = W2[heads] @ hidden + b2[heads]``;
+3. low-rank scores from the compressed cache: ``Delta = (scale * q_r[heads]) @ k_r[kv]^T``;
+4. ``S = A + Delta`` (or ``log(relu(A) + 1e-6) + Delta`` for share="probs"), written to the
+   logits output for every key, masked or not;
+5. online softmax per head over the valid keys and ``acc += P @ V[kv, tile]``.
+
+The FFN hidden layer is recomputed by each of the G kv-group programs of a key tile (G-fold
+redundant ``2*F*H`` flops per key).  At decode this is cheap: it costs far less than the bytes we
+stream (V and k_r caches), and the repeated ``prev`` tile reads hit L2.  The alternative -- one
+program per (batch, key split) for all H heads -- would need one P·V ``tl.dot`` per kv head or
+a batched dot whose M dimension is g (1 for MHA, too small for tensor cores), and an
+``[H, D]`` fp32 accumulator.  Splitting keys over programs keeps the GPU busy at small batch;
+a second tiny kernel combines the per-split ``(m, l, acc)`` partials.  V is loaded only for
+valid keys (``j < lengths[b]``), so padding beyond a sequence's length costs no V bandwidth;
+the logits of those keys are still computed and written because the next layer reads them.
+
+share="probs" needs the masked softmax statistics of ``prev`` before the fused pass; they come
+from one extra streaming read of ``prev`` (:mod:`lisa_kernels._row_stats`).
+
+All math is fp32; ``tl.dot`` on fp32 operands uses ``input_precision="ieee"``; P is rounded to
+V's dtype for the P·V dot when V is fp16/bf16 (as flash attention does).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from lisa_kernels._checks import check_lisa_inputs, check_scale
+from lisa_kernels._reference import MASK_VALUE, PROBS_EPS
+from lisa_kernels._row_stats import row_softmax_stats
+from lisa_kernels._triton import check_launch, is_interpreted, pow2, tl, triton
+
+_NEG = tl.constexpr(MASK_VALUE)
+_EPS = tl.constexpr(PROBS_EPS)
+
+
+@triton.jit
+def _lisa_decode_kernel(
+    prev_ptr, q_ptr, k_ptr, v_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    stat_m_ptr, stat_l_ptr, len_ptr,
+    logits_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    stride_pb, stride_ph, stride_pn,
+    stride_qb, stride_qh, stride_qr,
+    stride_kb, stride_kg, stride_kn, stride_kr,
+    stride_vb, stride_vg, stride_vn, stride_vd,
+    scale, H, G, GROUP, N, R, D, F, KEYS_PER_SPLIT, NUM_SPLITS,
+    SHARE_PROBS: tl.constexpr, HAS_LEN: tl.constexpr, PV_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // G
+    kvh = pid % G
+    b64 = b.to(tl.int64)
+
+    offs_h = tl.arange(0, BLOCK_H)  # all query heads (FFN input)
+    h_ok = offs_h < H
+    offs_f = tl.arange(0, BLOCK_F)
+    f_ok = offs_f < F
+    offs_g = tl.arange(0, BLOCK_G)  # query heads of this kv group
+    g_ok = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+
+    # Per-program constants: FFN weights (W1 whole, W2 rows of this group) and the scaled query.
+    w1 = tl.load(w1_ptr + offs_f[:, None] * H + offs_h[None, :], mask=f_ok[:, None] & h_ok[None, :],
+                 other=0.0).to(tl.float32)
+    b1 = tl.load(b1_ptr + offs_f, mask=f_ok, other=0.0).to(tl.float32)
+    w2 = tl.load(w2_ptr + heads[:, None] * F + offs_f[None, :], mask=g_ok[:, None] & f_ok[None, :],
+                 other=0.0).to(tl.float32)
+    b2 = tl.load(b2_ptr + heads, mask=g_ok, other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_r[None, :] * stride_qr,
+                mask=g_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32) * scale
+    if SHARE_PROBS:
+        pm = tl.load(stat_m_ptr + b * H + offs_h, mask=h_ok, other=0.0)
+        pl = tl.load(stat_l_ptr + b * H + offs_h, mask=h_ok, other=1.0)
+    seq_len = N
+    if HAS_LEN:
+        seq_len = tl.minimum(tl.load(len_ptr + b).to(tl.int32), N)
+
+    prev_base = prev_ptr + b64 * stride_pb
+    k_base = k_ptr + b64 * stride_kb + kvh * stride_kg
+    v_base = v_ptr + b64 * stride_vb + kvh * stride_vg
+    out_base = logits_ptr + b64 * H * N
+
+    m_i = tl.full([BLOCK_G], _NEG, tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+
+    start = split * KEYS_PER_SPLIT
+    end = tl.minimum(start + KEYS_PER_SPLIT, N)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < end
+        valid = n_ok & (offs_n < seq_len)
+        # 1. previous layer's logits (or probabilities) for all heads of the tile: [BLOCK_H, BLOCK_N]
+        x = tl.load(prev_base + offs_h[:, None] * stride_ph + offs_n[None, :] * stride_pn,
+                    mask=h_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        if SHARE_PROBS:
+            x = tl.exp(tl.where(valid[None, :], x, _NEG) - pm[:, None]) / pl[:, None]
+            x = tl.where(h_ok[:, None] & n_ok[None, :], x, 0.0)
+        # 2. head-alignment FFN, keeping the output rows of this group's heads: [BLOCK_G, BLOCK_N]
+        hidden = tl.maximum(tl.dot(w1, x, input_precision="ieee") + b1[:, None], 0.0)
+        a = tl.dot(w2, hidden, input_precision="ieee") + b2[:, None]
+        # 3. low-rank delta from the compressed key cache
+        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_r[:, None] * stride_kr,
+                     mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        delta = tl.dot(q, kt, input_precision="ieee")
+        # 4. combine and write the pre-mask logits
+        if SHARE_PROBS:
+            s = tl.log(tl.maximum(a, 0.0) + _EPS) + delta
+        else:
+            s = a + delta
+        tl.store(out_base + heads[:, None] * N + offs_n[None, :], s.to(logits_ptr.dtype.element_ty),
+                 mask=g_ok[:, None] & n_ok[None, :])
+        # 5. online softmax over valid keys; tile padding beyond the split is -inf (never counted)
+        s = tl.where(valid[None, :], s, _NEG)
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                     mask=valid[:, None] & d_ok[None, :], other=0.0)
+        p_lp = p.to(v_ptr.dtype.element_ty)
+        if PV_F32:
+            pv = tl.dot(p_lp.to(tl.float32), vt.to(tl.float32), input_precision="ieee")
+        else:
+            pv = tl.dot(p_lp, vt)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    row = (b * H + heads) * NUM_SPLITS + split
+    tl.store(part_acc_ptr + row[:, None] * D + offs_d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
+    tl.store(part_m_ptr + row, m_i, mask=g_ok)
+    tl.store(part_l_ptr + row, l_i, mask=g_ok)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, NUM_SPLITS, D,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    # One program per (b, h): merge the per-split online-softmax partials.
+    pid = tl.program_id(0)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_ok = offs_s < NUM_SPLITS
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    m = tl.load(part_m_ptr + pid * NUM_SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+    l_s = tl.load(part_l_ptr + pid * NUM_SPLITS + offs_s, mask=s_ok, other=0.0)
+    w = tl.exp(m - tl.max(m, axis=0))
+    denom = tl.sum(w * l_s, axis=0)
+    denom = tl.where(denom > 0.0, denom, 1.0)
+    acc = tl.load(part_acc_ptr + (pid * NUM_SPLITS + offs_s[:, None]) * D + offs_d[None, :],
+                  mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    out = tl.sum(acc * w[:, None], axis=0) / denom
+    tl.store(out_ptr + pid * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _default_num_splits(programs: int, n_tiles: int, device: torch.device) -> int:
+    """Enough key splits to give ~2 programs per SM (CPU interpreter: up to 4 splits)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        target = 2 * _sm_count(index)
+    else:
+        target = 4 * programs
+    return max(1, min(n_tiles, triton.cdiv(target, programs)))
+
+
+def lisa_decode(
+    prev_logits: torch.Tensor,
+    q_r: torch.Tensor,
+    k_r: torch.Tensor,
+    v: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    scale: float,
+    share: str = "logits",
+    lengths: torch.Tensor | None = None,
+    *,
+    block_n: int | None = None,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused LiSA decode step (Triton).
+
+    Shapes: prev_logits [B, H, N] (previous layer's pre-mask logits), q_r [B, H, r], k_r [B, G, N, r],
+    v [B, G, N, D], w1 [F, H], b1 [F], w2 [H, F], b2 [H], lengths [B] int or None (key j valid iff
+    j < lengths[b]).  Returns out [B, H, D] and the pre-mask logits [B, H, N], both in ``v.dtype``.
+    ``block_n`` (keys per tile) and ``num_splits`` (key splits per (batch, kv head)) are tuning knobs.
+    """
+    dims = check_lisa_inputs(prev_logits, q_r, k_r, v, w1, b1, w2, b2, share, lengths, prefill=False)
+    scale = check_scale(scale)
+    check_launch(
+        _lisa_decode_kernel, prev_logits=prev_logits, q_r=q_r, k_r=k_r, v=v, w1=w1, b1=b1, w2=w2, b2=b2,
+        lengths=lengths,
+    )
+    B, H, G, N, r, D, F = dims.B, dims.H, dims.G, dims.N, dims.r, dims.D, dims.F
+    dev = v.device
+    block_n = pow2(block_n or 64)
+    n_tiles = triton.cdiv(N, block_n)
+    if num_splits is None:
+        num_splits = _default_num_splits(B * G, n_tiles, dev)
+    num_splits = max(1, min(int(num_splits), n_tiles))
+    keys_per_split = triton.cdiv(n_tiles, num_splits) * block_n
+    num_splits = triton.cdiv(N, keys_per_split)  # every split holds at least one key
+
+    w1c, b1c, w2c, b2c = (t.contiguous() for t in (w1, b1, w2, b2))
+    lengths_i = lengths.to(device=dev, dtype=torch.int32).contiguous() if lengths is not None else None
+    share_probs = share == "probs"
+    if share_probs:
+        stat_m, stat_l = row_softmax_stats(prev_logits[:, :, None], lengths_i)
+    else:
+        stat_m = stat_l = torch.empty(1, dtype=torch.float32, device=dev)
+
+    logits = torch.empty((B, H, N), dtype=v.dtype, device=dev)
+    out = torch.empty((B, H, D), dtype=v.dtype, device=dev)
+    part_acc = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=dev)
+    part_m = torch.empty((B, H, num_splits), dtype=torch.float32, device=dev)
+    part_l = torch.empty_like(part_m)
+    # The interpreter multiplies raw bf16 bit patterns in tl.dot (triton-lang/triton#11584), so under
+    # TRITON_INTERPRET=1 bf16 P.V is done on fp32 copies of the bf16-rounded operands.
+    interp_bf16 = is_interpreted(_lisa_decode_kernel) and v.dtype == torch.bfloat16
+    pv_f32 = v.dtype == torch.float32 or interp_bf16
+
+    _lisa_decode_kernel[(B * G, num_splits)](
+        prev_logits, q_r, k_r, v, w1c, b1c, w2c, b2c,
+        stat_m, stat_l, lengths_i if lengths_i is not None else stat_m,
+        logits, part_acc, part_m, part_l,
+        *prev_logits.stride(), *q_r.stride(), *k_r.stride(), *v.stride(),
+        scale, H, G, H // G, N, r, D, F, keys_per_split, num_splits,
+        SHARE_PROBS=share_probs, HAS_LEN=lengths_i is not None, PV_F32=pv_f32,
+        BLOCK_N=block_n, BLOCK_H=pow2(H), BLOCK_G=pow2(H // G), BLOCK_F=pow2(F),
+        BLOCK_R=pow2(r), BLOCK_D=pow2(D),
+    )
+    _combine_splits_kernel[(B * H,)](
+        part_acc, part_m, part_l, out, num_splits, D,
+        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=pow2(D),
+    )
+    return out, logits
