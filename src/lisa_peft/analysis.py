@@ -162,15 +162,15 @@ def plot_similarity(result: dict, path: str | Path) -> None:
         f"Adjacent-layer attention similarity - {result.get('model', '')} "
         f"({result.get('num_sequences', '?')} x {result.get('seq_len', '?')} tokens; lower = more similar)"
     )
-    ax_line.set_xticks(layers)
-    ax_line.set_xlim(layers[0] - 0.5, layers[-1] + 0.5)
+    ax_line.set_xticks(range(0 if "sensitivity" in result else layers[0], layers[-1] + 1))
+    ax_line.set_xlim((-0.5 if "sensitivity" in result else layers[0] - 0.5), layers[-1] + 0.5)
     ax_line.set_ylim(bottom=0)
     ax_line.grid(alpha=0.3)
     handles, labels = ax_line.get_legend_handles_labels()
     if "sensitivity" in result:
         ax_sens = ax_line.twinx()
         sens = result["sensitivity"]
-        ax_sens.plot(range(len(sens)), sens, "^--", color="tab:green", label="sensitivity")
+        ax_sens.plot(range(len(sens)), sens, "^--", color="tab:green", label="sensitivity (layer l)")
         ax_sens.set_ylabel("sensitivity")
         more_h, more_l = ax_sens.get_legend_handles_labels()
         handles, labels = handles + more_h, labels + more_l
