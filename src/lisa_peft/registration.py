@@ -10,11 +10,26 @@ own bookkeeping tables (`_member_map_`, `_value2member_map_`, `_member_names_`),
 Both steps are idempotent: importing `lisa_peft` twice (or reloading it) does nothing the
 second time. If a future PEFT release adds `LISA` to `PeftType` itself, the enum member is used
 as is.
+
+Model cards and `push_to_hub` (`install_hub_hooks`, called by `register_lisa`): PEFT writes README.md in
+`PeftModel.save_pretrained` through `PeftModel.create_or_update_model_card(output_dir)`, a generic card.
+transformers' `PushToHubMixin.push_to_hub` (which `PeftModel` inherits) then *overwrites* that README with
+the repo's current card, or with a generic "transformers model" card for a new repo. We wrap both methods
+once on `PeftModel`: for a model whose adapters are LiSA they write / upload the LiSA card
+(`lisa_peft.model_card`, `lisa_peft.hub.push_model_to_hub`); for every other model they call PEFT's /
+transformers' original unchanged. The wrappers remember the original (`__lisa_peft_original__`), so
+re-importing or reloading lisa_peft re-wraps the original instead of stacking wrappers. If rendering the
+LiSA card fails during `save_pretrained`, the wrapper warns and writes PEFT's card: a save never fails over
+its README (PEFT writes the card before the weights).
 """
 
 from __future__ import annotations
 
 import enum
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 from peft.utils import PeftType
 
@@ -44,13 +59,75 @@ def lisa_peft_type() -> PeftType:
     return _add_enum_member(PeftType, PEFT_TYPE_NAME, PEFT_TYPE_NAME)
 
 
+_ORIGINAL_ATTR = "__lisa_peft_original__"
+
+
+def has_lisa_adapter(model: Any) -> bool:
+    """True if `model` (a PeftModel) holds a LiSA adapter."""
+    configs = getattr(model, "peft_config", None)
+    return isinstance(configs, dict) and any(
+        getattr(c, "peft_type", None) == PEFT_TYPE_NAME for c in configs.values()
+    )
+
+
+def _wrap_method(cls: type, name: str, make: Callable[[Callable], Callable]) -> None:
+    """Set `cls.name = make(original)`; idempotent (an earlier wrapper is replaced, never stacked)."""
+    current = getattr(cls, name)
+    original = getattr(current, _ORIGINAL_ATTR, current)
+    wrapper = make(original)
+    setattr(wrapper, _ORIGINAL_ATTR, original)
+    setattr(cls, name, wrapper)
+
+
+def _card_hook(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def create_or_update_model_card(self: Any, output_dir: str) -> None:
+        if not has_lisa_adapter(self):
+            return original(self, output_dir)
+        from .model_card import write_model_card
+
+        try:
+            write_model_card(self, output_dir)
+        except Exception as err:  # a save must not fail over its README
+            warnings.warn(
+                f"lisa-peft could not write the LiSA model card ({type(err).__name__}: {err}); "
+                "PEFT's generic card was written instead.",
+                stacklevel=3,
+            )
+            original(self, output_dir)
+        return None
+
+    return create_or_update_model_card
+
+
+def _push_hook(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def push_to_hub(self: Any, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+        if not has_lisa_adapter(self):
+            return original(self, repo_id, *args, **kwargs)
+        from .hub import push_model_to_hub
+
+        return push_model_to_hub(self, repo_id, *args, **kwargs)
+
+    return push_to_hub
+
+
+def install_hub_hooks() -> None:
+    """Wrap `PeftModel.create_or_update_model_card` and `PeftModel.push_to_hub` for LiSA (idempotent)."""
+    from peft import PeftModel
+
+    _wrap_method(PeftModel, "create_or_update_model_card", _card_hook)
+    _wrap_method(PeftModel, "push_to_hub", _push_hook)
+
+
 def register_lisa() -> None:
-    """Make `LISA` a registered PEFT method (idempotent)."""
+    """Make `LISA` a registered PEFT method and install the model-card hooks (idempotent)."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
     from .tuners.lisa import LisaConfig, LisaModel
 
+    install_hub_hooks()
     peft_type = lisa_peft_type()
     if PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type) is LisaConfig:
         return

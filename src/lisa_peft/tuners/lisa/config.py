@@ -55,7 +55,14 @@ class LisaConfig(PeftConfig):
         lisa_dtype: dtype of the LiSA weights and their computation ("float32", "float16",
             "bfloat16"). `None` follows PEFT's rule: float32 LiSA weights on a float16/bfloat16
             base model (`autocast_adapter_dtype=True`, the default), else the base dtype.
-        kernel: `"auto"` (Triton on CUDA, PyTorch elsewhere), `"triton"` or `"torch"`.
+        kernel: Attention implementation of LiSA and anchor layers (`tuners/lisa/dispatch.py`).
+            `"auto"`: the Triton kernels of `lisa_kernels` when the tensors are on CUDA and Triton is
+            available, else the PyTorch path. `"triton"`: always the kernels (on CPU only under
+            `TRITON_INTERPRET=1`); a clear `RuntimeError` when they cannot run. `"torch"`: the PyTorch
+            path (the reference). In every mode the PyTorch path runs when a gradient is needed
+            (training) and for masks the kernels cannot express (left padding, padded prefill);
+            the kernels return no attention probabilities (None, as sdpa). Switch a loaded model
+            with `dispatch.set_kernel_mode(model, mode)`.
         rotary_planes: Resolved at injection: for each LiSA layer (key = layer index as a
             string) the rotary plane indices kept per KV head, shape [G][r/2]. Set it only to
             reproduce an adapter exactly (loading does this from the saved config).

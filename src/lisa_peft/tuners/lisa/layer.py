@@ -23,6 +23,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from . import functional as LF
+from .dispatch import anchor_kernel, kernel_plan, lisa_kernel
 from .state import LisaForwardState
 
 ROLE_LISA = "lisa"
@@ -47,7 +48,7 @@ class LisaAttention(nn.Module, BaseTunerLayer):
     """PEFT tuner layer around a LLaMA attention module (see module docstring)."""
 
     adapter_layer_names = ("lisa_q_proj", "lisa_k_proj", "lisa_ffn_up", "lisa_ffn_down")
-    other_param_names = ("lisa_rotary", "lisa_roles", "lisa_share")
+    other_param_names = ("lisa_rotary", "lisa_roles", "lisa_share", "lisa_kernel")
 
     def __init__(self, base_layer: nn.Module, layer_idx: int, **kwargs: Any) -> None:
         super().__init__()
@@ -64,6 +65,7 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         self.lisa_rotary = nn.ModuleDict()
         self.lisa_roles: dict[str, str] = {}
         self.lisa_share: dict[str, str] = {}
+        self.lisa_kernel: dict[str, str] = {}  # LisaConfig.kernel per adapter (dispatch.py)
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -78,6 +80,7 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         """
         self.lisa_roles[adapter_name] = role
         self.lisa_share[adapter_name] = config.share
+        self.lisa_kernel[adapter_name] = config.kernel
         if role == ROLE_LISA:
             if planes is None:
                 raise ValueError("A LiSA layer needs its rotary planes.")
@@ -197,7 +200,9 @@ class LisaAttention(nn.Module, BaseTunerLayer):
                 "by get_peft_model / PeftModel.from_pretrained), not a single decoder layer."
             )
         if role == ROLE_ANCHOR:
-            return self._anchor_forward(hidden_states, position_embeddings, attention_mask, past_key_values, state)
+            return self._anchor_forward(
+                adapter, hidden_states, position_embeddings, attention_mask, past_key_values, state
+            )
         return self._lisa_forward(
             adapter, hidden_states, position_embeddings, attention_mask, past_key_values, state
         )
@@ -207,7 +212,9 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         out = proj(x.to(proj.weight.dtype))
         return out.view(*x.shape[:2], heads, -1).transpose(1, 2)
 
-    def _anchor_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values, state):
+    def _anchor_forward(self, adapter, hidden_states, position_embeddings, attention_mask, past_key_values, state):
+        """Full attention that publishes its pre-mask logits; on the Triton kernel when dispatch.py says so
+        (then the returned attention probabilities are None, as with sdpa)."""
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         base = self.base_layer
@@ -218,10 +225,15 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if past_key_values is not None:
             k, v = _update_cache(past_key_values, k, v, self.layer_idx)
-        logits = LF.grouped_scores(q, k, base.scaling)
-        mask = LF.additive_mask(attention_mask, q.shape[2], k.shape[2], logits.dtype, logits.device)
-        probs = LF.masked_softmax(logits, mask, v.dtype)
-        out = LF.grouped_values(probs, v)
+        plan = kernel_plan(self.lisa_kernel[adapter], attention_mask, (q, k, v), q.shape[2], k.shape[2])
+        if plan is not None:
+            out, logits = anchor_kernel(q, k, v, base.scaling, plan)
+            probs = None
+        else:
+            logits = LF.grouped_scores(q, k, base.scaling)
+            mask = LF.additive_mask(attention_mask, q.shape[2], k.shape[2], logits.dtype, logits.device)
+            probs = LF.masked_softmax(logits, mask, v.dtype)
+            out = LF.grouped_values(probs, v)
         out = state.publish(self.layer_idx, logits, out)
         return self._output(out), probs
 
@@ -247,12 +259,23 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         return LF.combine_scores(self.head_ffn(adapter, ffn_in), delta, share)
 
     def _lisa_forward(self, adapter, hidden_states, position_embeddings, attention_mask, past_key_values, state):
+        """LiSA attention; on the Triton kernels when dispatch.py says so (then the probabilities are None)."""
         q_r, k_r = self.lisa_projections(adapter, hidden_states, position_embeddings)
         v = self._project(self.base_layer.v_proj, hidden_states, self.num_kv_heads)
         if past_key_values is not None:
             k_r, v = _update_cache(past_key_values, k_r, v, self.layer_idx)
+        prev = state.consume(self.layer_idx - 1)
+        up, down = self.lisa_ffn_up[adapter], self.lisa_ffn_down[adapter]
+        plan = kernel_plan(
+            self.lisa_kernel[adapter], attention_mask, (prev, q_r, k_r, v, up.weight, up.bias, down.weight, down.bias),
+            q_r.shape[2], k_r.shape[2],
+        )
+        if plan is not None:
+            out, logits = lisa_kernel(prev, q_r, k_r, v, up, down, self.base_layer.scaling, self.lisa_share[adapter],
+                                      plan)
+            return self._output(state.publish(self.layer_idx, logits, out)), None
         mask = LF.additive_mask(attention_mask, q_r.shape[2], k_r.shape[2], q_r.dtype, q_r.device)
-        logits = self.lisa_logits(adapter, q_r, k_r, state.consume(self.layer_idx - 1), mask)
+        logits = self.lisa_logits(adapter, q_r, k_r, prev, mask)
         probs = LF.masked_softmax(logits, mask, v.dtype)
         out = state.publish(self.layer_idx, logits, LF.grouped_values(probs, v))
         return self._output(out), probs

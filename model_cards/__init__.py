@@ -1,0 +1,1 @@
+"""Model card templates, shipped inside the wheel as `lisa_peft.model_cards` (see setup.cfg)."""
