@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["chunk_token_windows", "embedded_corpus", "load_texts"]
+__all__ = ["chunk_token_windows", "embedded_corpus", "load_texts", "split_texts", "token_windows"]
 
 
 def embedded_corpus() -> list[str]:
@@ -64,6 +64,40 @@ def load_texts(sources: list[str] | None) -> list[str]:
     return texts
 
 
+def _token_stream(tokenizer, texts: list[str]) -> list[int]:
+    """All documents tokenized without special tokens, joined by eos (when the tokenizer has one)."""
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    stream: list[int] = []
+    for text in texts:
+        if stream:
+            stream.extend(sep)
+        stream.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    return stream
+
+
+def token_windows(tokenizer, texts: list[str], seq_len: int, max_sequences: int | None = None) -> torch.Tensor:
+    """LongTensor [n, seq_len]: consecutive non-overlapping windows of the token stream (at most
+    `max_sequences`, taken from the start). Raises ValueError when not even one window fits."""
+    stream = _token_stream(tokenizer, texts)
+    available = len(stream) // seq_len
+    if available < 1:
+        raise ValueError(f"The text has {len(stream)} tokens, fewer than one window of {seq_len}; give more text.")
+    n = available if max_sequences is None else min(available, max_sequences)
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def split_texts(texts: list[str], holdout: float = 0.1) -> tuple[list[str], list[str]]:
+    """(first 1 - holdout, last holdout) of the concatenated documents, cut at a character position.
+
+    The same convention as the project's benchmarks on tinyshakespeare (first 90% train, last 10%
+    held out)."""
+    if not 0 < holdout < 1:
+        raise ValueError(f"holdout must be in (0, 1), got {holdout}")
+    joined = "\n\n".join(texts)
+    cut = int(len(joined) * (1 - holdout))
+    return [joined[:cut]], [joined[cut:]]
+
+
 def chunk_token_windows(tokenizer, texts: list[str], num_sequences: int, seq_len: int) -> torch.Tensor:
     """LongTensor [num_sequences, seq_len] of contiguous token windows, spread evenly over the corpus.
 
@@ -73,12 +107,7 @@ def chunk_token_windows(tokenizer, texts: list[str], num_sequences: int, seq_len
     """
     if num_sequences < 1 or seq_len < 1:
         raise ValueError(f"num_sequences and seq_len must be >= 1, got {num_sequences}, {seq_len}")
-    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    stream: list[int] = []
-    for text in texts:
-        if stream:
-            stream.extend(sep)
-        stream.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    stream = _token_stream(tokenizer, texts)
     available = len(stream) // seq_len
     if available < num_sequences:
         raise ValueError(
