@@ -91,6 +91,20 @@ def test_get_peft_model_refuses_what_needs_data():
         LisaConfig(lisa_layers="auto")
 
 
+def test_loss_sensitivity_runs_the_model_with_exactly_one_lisa_layer():
+    """The probe layer must change the model's loss; the model is restored afterwards."""
+    from lisa_peft.convert import layer_sensitivity, lm_loss
+
+    model = _peaky_llama()
+    ids = _windows()
+    before = lm_loss(model, ids)
+    inputs = C.capture_attention_inputs(model, ids, progress=False)
+    scores = layer_sensitivity(model, inputs, ids, LisaConfig(lisa_layers="auto", target_fraction=0.5), False)
+    assert all(abs(v) > 1e-6 for v in scores["loss"].values())
+    assert lm_loss(model, ids) == before
+    assert not model.model._forward_pre_hooks
+
+
 def test_choose_layers_takes_the_least_sensitive():
     scores = {2: 0.9, 3: 0.1, 4: 0.5, 5: 0.2, 6: 0.3}
     assert choose_layers(scores, num_layers=10, fraction=0.3) == [3, 5, 6]
@@ -105,8 +119,8 @@ def test_auto_layers_are_resolved_scored_saved_and_reloadable(tmp_path):
                          stage_callback=lambda stage, m: stages.append(stage) or len(stages))
     saved = peft_model.peft_config["default"]
     assert len(saved.lisa_layers) == 3 and min(saved.lisa_layers) >= 2
-    sensitivity = saved.layer_scores["sensitivity_kl"]
-    assert sorted(map(int, sensitivity)) == [2, 3, 4, 5]
+    sensitivity = saved.layer_scores["sensitivity_loss"]
+    assert sorted(map(int, sensitivity)) == sorted(map(int, saved.layer_scores["sensitivity_kl"])) == [2, 3, 4, 5]
     chosen = sorted(sensitivity, key=sensitivity.get)[:3]
     assert sorted(map(int, chosen)) == saved.lisa_layers
     assert stages == ["init", "layerwise"] and saved.layer_scores["stages"] == {"init": 1, "layerwise": 2}

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .tuners.lisa import functional as LF
 from .tuners.lisa.layer import LisaAttention
+from .tuners.lisa.model import backbone
 
 
 @dataclass
@@ -51,11 +52,7 @@ class AttentionInputs:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ModuleList of decoder layers of a (PEFT-wrapped) LLaMA model."""
-    for module in model.modules():
-        layers = getattr(module, "layers", None)
-        if isinstance(layers, nn.ModuleList) and hasattr(module, "rotary_emb"):
-            return layers
-    raise ValueError("Could not find the decoder layers (a module with `layers` and `rotary_emb`).")
+    return backbone(model).layers
 
 
 def base_attention(layer: nn.Module) -> nn.Module:

@@ -3,8 +3,9 @@
 Steps (each optional part controlled by the config / arguments):
 1. tokenize calibration text into `num_sequences` windows of `seq_len` tokens;
 2. capture every layer's attention input from the frozen base model (teacher forcing);
-3. `lisa_layers="auto"`: score every candidate layer (attention KL of a calibrated LiSA layer at
-   init, with the true previous-layer logits) and keep the `target_fraction` least sensitive;
+3. `lisa_layers="auto"`: score every candidate layer by the LM-loss increase on the calibration
+   windows when it alone is a calibrated-at-init LiSA layer, and keep the `target_fraction`
+   least sensitive (the attention KL is recorded too);
 4. `init_lisa_weights="calibrate"`: rotary planes by partial-score energy, FFN by least squares;
 5. layer-wise stage: per LiSA layer, in order, Adam on attention KL; the previous logits are
    the base ones for the first layer of a run and the *fitted* LiSA logits inside a run.
@@ -17,7 +18,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -27,8 +29,8 @@ from tqdm.auto import tqdm
 from . import calibration as C
 from .data import chunk_token_windows, load_texts
 from .tuners.lisa import LisaConfig
-from .tuners.lisa.layer import ROLE_LISA, LisaAttention
-from .tuners.lisa.model import default_rank
+from .tuners.lisa.layer import ROLE_ANCHOR, ROLE_LISA, LisaAttention
+from .tuners.lisa.model import add_forward_state, backbone, default_rank
 
 logger = logging.getLogger(__name__)
 
@@ -49,25 +51,61 @@ def _probe_layer(base_attn, layer_idx: int, config: LisaConfig, planes: torch.Te
 
 
 @torch.no_grad()
+def lm_loss(model, input_ids: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean next-token cross-entropy of `model` on token windows [N, T]."""
+    device = next(model.parameters()).device
+    total = 0.0
+    for start in range(0, input_ids.shape[0], batch_size):
+        batch = input_ids[start : start + batch_size].to(device)
+        total += model(batch, labels=batch, use_cache=False).loss.item() * batch.shape[0]
+    return total / input_ids.shape[0]
+
+
+@contextmanager
+def _single_lisa_layer(model, idx: int, probe: LisaAttention, config: LisaConfig) -> Iterator[None]:
+    """Temporarily run `model` with layer idx replaced by `probe` (adapter "probe") and its anchor."""
+    layers = C.decoder_layers(model)
+    original_prev, original = layers[idx - 1].self_attn, layers[idx].self_attn
+    anchor = LisaAttention(C.base_attention(layers[idx - 1]), idx - 1)
+    anchor.update_layer("probe", ROLE_ANCHOR, config)
+    for module in (anchor, probe):
+        module.set_adapter("probe", inference_mode=True)
+    layers[idx - 1].self_attn, layers[idx].self_attn = anchor, probe
+    hook = backbone(model).register_forward_pre_hook(add_forward_state, with_kwargs=True)
+    try:
+        yield
+    finally:
+        hook.remove()
+        layers[idx - 1].self_attn, layers[idx].self_attn = original_prev, original
+
+
+@torch.no_grad()
 def layer_sensitivity(
-    model, inputs: C.AttentionInputs, config: LisaConfig, progress: bool = True
-) -> dict[int, float]:
-    """Attention KL of each candidate layer made LiSA alone (calibrated init, true previous logits)."""
+    model, inputs: C.AttentionInputs, input_ids: torch.Tensor, config: LisaConfig, progress: bool = True
+) -> dict[str, dict[int, float]]:
+    """Per candidate layer, made LiSA alone with a calibrated init:
+
+    * "loss": increase of the LM loss on the calibration windows input_ids [N, T] (what decides);
+    * "kl": attention KL to the base layer with the true previous logits (diagnostic).
+    Shallow layers can have a small KL and still a large loss effect, hence the loss decides.
+    """
     layers = C.decoder_layers(model)
     resolved = _resolve_shape_defaults(config, model.config)
     resolved.init_lisa_weights = "identity"
-    scores: dict[int, float] = {}
+    base_loss = lm_loss(model, input_ids)
+    scores: dict[str, dict[int, float]] = {"loss": {}, "kl": {}}
     candidates = range(config.min_full_layers, len(layers))
     for idx in tqdm(candidates, desc="layer sensitivity", disable=not progress):
         attn = C.base_attention(layers[idx])
-        prev_attn = C.base_attention(layers[idx - 1])
         rope = inputs.position_embeddings
         planes = C.activation_planes(attn, inputs, idx, resolved.r // 2)
         probe = _probe_layer(attn, idx, resolved, planes)
-        prev = C.base_logits(prev_attn, inputs.hidden[idx - 1], rope)
+        prev = C.base_logits(C.base_attention(layers[idx - 1]), inputs.hidden[idx - 1], rope)
         target = C.base_logits(attn, inputs.hidden[idx], rope)
         C.fit_head_ffn(probe, "probe", prev, target, inputs.hidden[idx], rope)
-        scores[idx] = C.evaluate_layer_kl(probe, "probe", inputs.hidden[idx], rope, prev, target)
+        scores["kl"][idx] = C.evaluate_layer_kl(probe, "probe", inputs.hidden[idx], rope, prev, target)
+        with _single_lisa_layer(model, idx, probe, resolved):
+            scores["loss"][idx] = lm_loss(model, input_ids) - base_loss
     return scores
 
 
@@ -116,9 +154,10 @@ def convert(
     scores_record: dict = {"calibration": {"num_sequences": int(input_ids.shape[0]), "seq_len": int(seq_len)}}
 
     if config.lisa_layers == "auto":
-        sensitivity = layer_sensitivity(model, inputs, config, progress=progress)
-        config.lisa_layers = choose_layers(sensitivity, num_layers, config.target_fraction)
-        scores_record["sensitivity_kl"] = {str(k): round(v, 5) for k, v in sensitivity.items()}
+        sensitivity = layer_sensitivity(model, inputs, input_ids, config, progress=progress)
+        config.lisa_layers = choose_layers(sensitivity["loss"], num_layers, config.target_fraction)
+        for kind, values in sensitivity.items():
+            scores_record[f"sensitivity_{kind}"] = {str(k): round(v, 5) for k, v in values.items()}
         logger.info("lisa_layers='auto' chose %s", config.lisa_layers)
 
     calibrate = config.init_lisa_weights == "calibrate"

@@ -54,7 +54,7 @@ def rotary_planes_by_weight_norm(attn: nn.Module, num_planes: int) -> torch.Tens
     return score.topk(num_planes, dim=-1).indices.sort(dim=-1).values
 
 
-def _backbone(model: nn.Module) -> nn.Module:
+def backbone(model: nn.Module) -> nn.Module:
     """The module that owns the `layers` ModuleList of decoder layers (LlamaModel)."""
     for module in model.modules():
         if isinstance(getattr(module, "layers", None), nn.ModuleList) and hasattr(module, "rotary_emb"):
@@ -62,7 +62,7 @@ def _backbone(model: nn.Module) -> nn.Module:
     raise ValueError("Could not find the decoder stack (a module with `layers` and `rotary_emb`) in the model.")
 
 
-def _add_forward_state(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def add_forward_state(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Forward pre-hook of the decoder stack: a fresh LisaForwardState for every forward pass."""
     kwargs["lisa_state"] = LisaForwardState()
     return args, kwargs
@@ -190,10 +190,10 @@ class LisaModel(BaseTuner):
         return planes
 
     def _post_injection_hook(self, model: nn.Module, config: LisaConfig, adapter_name: str) -> None:
-        backbone = _backbone(model)
-        if getattr(backbone, _HOOK_ATTR, None) is None:
-            handle = backbone.register_forward_pre_hook(_add_forward_state, with_kwargs=True)
-            setattr(backbone, _HOOK_ATTR, handle)
+        stack = backbone(model)
+        if getattr(stack, _HOOK_ATTR, None) is None:
+            handle = stack.register_forward_pre_hook(add_forward_state, with_kwargs=True)
+            setattr(stack, _HOOK_ATTR, handle)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         setattr(parent, child_name, new_module)
@@ -234,9 +234,9 @@ class LisaModel(BaseTuner):
         if merge:
             self._check_merge_allowed()
         model = super()._unload_and_optionally_merge(merge=False, **kwargs)
-        backbone = _backbone(model)
-        handle = getattr(backbone, _HOOK_ATTR, None)
+        stack = backbone(model)
+        handle = getattr(stack, _HOOK_ATTR, None)
         if handle is not None:
             handle.remove()
-            delattr(backbone, _HOOK_ATTR)
+            delattr(stack, _HOOK_ATTR)
         return model

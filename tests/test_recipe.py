@@ -1,0 +1,99 @@
+"""Recipes: YAML loading, the train command end to end on a tiny checkpoint, resume, 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lisa_peft.recipe import load_recipe, run_recipe
+from lisa_peft.training import distillation_kl
+from tests.tiny_assets import sample_text, save_tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory) -> dict:
+    folder = tmp_path_factory.mktemp("tiny-recipe")
+    save_tiny_checkpoint(folder / "base")
+    (folder / "train.txt").write_text(sample_text(30000))
+    recipe = {
+        "base_model": str(folder / "base"),
+        "lisa": {"lisa_layers": "auto", "target_fraction": 0.5, "init_lisa_weights": "calibrate"},
+        "calibration": {"texts": [str(folder / "train.txt")], "num_sequences": 4, "seq_len": 32,
+                        "layerwise_steps": 3},
+        "data": {"train": [str(folder / "train.txt")], "seq_len": 64, "max_train_sequences": 64,
+                 "max_eval_sequences": 4},
+        "distill_weight": 0.5,
+        "training": {"output_dir": str(folder / "out"), "max_steps": 6, "per_device_train_batch_size": 4,
+                     "learning_rate": 0.01, "logging_steps": 1, "save_steps": 3, "use_cpu": True},
+    }
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return {"folder": folder, "recipe": recipe, "path": path}
+
+
+def test_load_recipe_applies_overrides_and_rejects_mistakes(tmp_path, tiny_setup):
+    recipe = load_recipe(tiny_setup["path"], ["training.max_steps=2", "lisa.share=probs"])
+    assert recipe["training"]["max_steps"] == 2 and recipe["lisa"]["share"] == "probs"
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_recipe(tiny_setup["path"], ["max_steps"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base_model: x\ntrainnig: {}\n")
+    with pytest.raises(ValueError, match=r"unknown section\(s\) \['trainnig'\]"):
+        load_recipe(bad)
+    with pytest.raises(FileNotFoundError, match="Recipe not found"):
+        load_recipe(tmp_path / "missing.yaml")
+
+
+def test_shipped_recipes_are_valid():
+    for path in sorted((ROOT / "recipes").glob("*.yaml")):
+        recipe = load_recipe(path)
+        assert recipe["lisa"]["init_lisa_weights"] == "calibrate", path
+
+
+def test_distillation_kl_is_zero_for_identical_logits_and_positive_otherwise():
+    logits = torch.randn(2, 5, 11)
+    assert distillation_kl(logits, logits).item() == pytest.approx(0.0, abs=1e-6)
+    assert distillation_kl(logits, logits.flip(-1)).item() > 0.1
+
+
+def test_run_recipe_end_to_end_and_resume(tiny_setup):
+    summary = run_recipe(tiny_setup["recipe"], progress=False)
+    out = Path(tiny_setup["recipe"]["training"]["output_dir"])
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "lisa_init" / "adapter_config.json").is_file()
+    saved = json.loads((out / "summary.json").read_text())
+    for key in ("base_ppl", "lisa_ppl_init", "lisa_ppl_layerwise", "lisa_ppl_trained"):
+        assert saved[key] > 1.0, key
+    assert saved["train_steps"] == 6 and len(saved["lisa_layers"]) == 3
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["lisa_layers"] == saved["lisa_layers"] and "sensitivity_loss" in config["layer_scores"]
+    # a second run reuses the converted adapter and resumes from the last checkpoint (step 6 = done)
+    again = run_recipe({**tiny_setup["recipe"], "training": {**tiny_setup["recipe"]["training"], "max_steps": 8}},
+                       progress=False)
+    assert again["train_steps"] == 8 and again["lisa_layers"] == summary["lisa_layers"]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_with_accelerate(tiny_setup, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(ROOT / "recipes/accelerate/cpu_2proc.yaml"), "-m", "lisa_peft.cli", "train", str(tiny_setup["path"]),
+        "--quiet", "--set", f"training.output_dir={out}", "--set", "lisa.lisa_layers=[3, 4, 5]",
+        "--set", "lisa.init_lisa_weights=identity",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["train_steps"] == 6
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
