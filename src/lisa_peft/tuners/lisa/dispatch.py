@@ -30,8 +30,9 @@ batched `generate` uses), padding during a prefill (T > 1; the LiSA prefill kern
 masks with finite biases or per-head masks, rows that see no key, and 2D (flash-attention) masks,
 for which the PyTorch path raises its own error.
 
-The decision compares the mask with the plain causal one once per mask tensor: the layers of one
-forward share the same mask object, and the result is remembered for it (`_MaskMemo`).
+The decision compares the mask with the plain causal one once per forward: the layers of one forward
+share the same mask object, and the result is remembered for that mask and that forward's
+`LisaForwardState` (`_MaskMemo`), so a new forward always looks at its mask again.
 """
 
 from __future__ import annotations
@@ -60,11 +61,13 @@ def kernel_plan(
     tensors: Iterable[torch.Tensor],
     num_queries: int,
     num_keys: int,
+    owner: object | None = None,
 ) -> KernelPlan | None:
     """The one place that decides: a `KernelPlan` to run the Triton kernels, or None for the PyTorch path.
 
     mode: `LisaConfig.kernel`; tensors: the inputs of the attention computation (device and grad
-    checks); num_queries / num_keys: T and N of this call.
+    checks); num_queries / num_keys: T and N of this call; owner: the forward's `LisaForwardState`,
+    for which the mask decision is remembered (None: not remembered).
     """
     if mode not in KERNEL_MODES:
         raise ValueError(f"kernel must be one of {KERNEL_MODES}, got {mode!r}.")
@@ -78,32 +81,36 @@ def kernel_plan(
             return None
     else:
         lisa_kernels.require_triton()
-    return mask_plan(attention_mask, num_queries, num_keys)
+    return mask_plan(attention_mask, num_queries, num_keys, owner)
 
 
-def mask_plan(attention_mask: torch.Tensor | None, num_queries: int, num_keys: int) -> KernelPlan | None:
+def mask_plan(
+    attention_mask: torch.Tensor | None, num_queries: int, num_keys: int, owner: object | None = None
+) -> KernelPlan | None:
     """A `KernelPlan` when the kernels can express `attention_mask` exactly, else None (see module docstring)."""
     if attention_mask is None:
         return KernelPlan()
     if attention_mask.dim() != 4 or attention_mask.shape[1] != 1 or attention_mask.shape[-1] < num_keys:
         return None
-    return _MEMO.get(attention_mask, num_queries, num_keys)
+    if owner is None:
+        return _plan_for_mask(attention_mask, num_queries, num_keys)
+    return _MEMO.get(attention_mask, num_queries, num_keys, owner)
 
 
 class _MaskMemo:
-    """Remembers the plan of the last mask tensor seen (all layers of a forward get the same object)."""
+    """The plan of the last (mask tensor, forward state) pair: all layers of a forward get the same mask."""
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._ref: weakref.ref | None = None
+        self._refs: tuple[weakref.ref, weakref.ref] | None = None
+        self._sizes: tuple[int, int] | None = None
         self._plan: KernelPlan | None = None
 
-    def get(self, mask: torch.Tensor, num_queries: int, num_keys: int) -> KernelPlan | None:
-        key = (mask._version, num_queries, num_keys)
-        if self._ref is not None and self._ref() is mask and self._key == key:
+    def get(self, mask: torch.Tensor, num_queries: int, num_keys: int, owner: object) -> KernelPlan | None:
+        sizes = (num_queries, num_keys)
+        if self._refs is not None and self._refs[0]() is mask and self._refs[1]() is owner and self._sizes == sizes:
             return self._plan
         plan = _plan_for_mask(mask, num_queries, num_keys)
-        self._ref, self._key, self._plan = weakref.ref(mask), key, plan
+        self._refs, self._sizes, self._plan = (weakref.ref(mask), weakref.ref(owner)), sizes, plan
         return plan
 
 

@@ -225,7 +225,7 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if past_key_values is not None:
             k, v = _update_cache(past_key_values, k, v, self.layer_idx)
-        plan = kernel_plan(self.lisa_kernel[adapter], attention_mask, (q, k, v), q.shape[2], k.shape[2])
+        plan = kernel_plan(self.lisa_kernel[adapter], attention_mask, (q, k, v), q.shape[2], k.shape[2], state)
         if plan is not None:
             out, logits = anchor_kernel(q, k, v, base.scaling, plan)
             probs = None
@@ -268,7 +268,7 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         up, down = self.lisa_ffn_up[adapter], self.lisa_ffn_down[adapter]
         plan = kernel_plan(
             self.lisa_kernel[adapter], attention_mask, (prev, q_r, k_r, v, up.weight, up.bias, down.weight, down.bias),
-            q_r.shape[2], k_r.shape[2],
+            q_r.shape[2], k_r.shape[2], state,
         )
         if plan is not None:
             out, logits = lisa_kernel(prev, q_r, k_r, v, up, down, self.base_layer.scaling, self.lisa_share[adapter],
