@@ -20,11 +20,12 @@ Example (tiny random model; the same code runs on any LLaMA checkpoint):
 torch.Size([1, 4, 128])
 """
 
+from .convert import convert
 from .hub import from_pretrained, push_adapter
 from .registration import register_lisa
 from .tuners.lisa import LisaAttention, LisaConfig, LisaModel
 
 register_lisa()
 
-__all__ = ["LisaAttention", "LisaConfig", "LisaModel", "from_pretrained", "push_adapter"]
+__all__ = ["LisaAttention", "LisaConfig", "LisaModel", "convert", "from_pretrained", "push_adapter"]
 __version__ = "0.1.0"

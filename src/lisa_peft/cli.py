@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Sub-command modules under lisa_peft.commands, in the order `--help` lists them.
-COMMANDS: list[str] = ["demo", "fetch_model", "analyze", "train", "push"]
+COMMANDS: list[str] = ["demo", "fetch_model", "analyze", "train", "push", "eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:
