@@ -189,3 +189,17 @@ def test_eager_and_sdpa_base_attention_agree(input_ids):
     sdpa = get_peft_model(tiny_llama(2, attn_implementation="sdpa"), LisaConfig(lisa_layers=[3, 4]))
     eager = get_peft_model(tiny_llama(2, attn_implementation="eager"), LisaConfig(lisa_layers=[3, 4]))
     torch.testing.assert_close(_logits(sdpa, input_ids), _logits(eager, input_ids), atol=1e-5, rtol=1e-4)
+
+
+def test_output_attentions_include_lisa_and_anchor_layers(input_ids):
+    """transformers records attentions with hooks on the base attention class; LiSA layers must
+    appear there with their own probabilities (bug: they were missing, 2 of 6 layers returned)."""
+    model = get_peft_model(tiny_llama(2, attn_implementation="eager"), LisaConfig(lisa_layers=[3, 4]))
+    with torch.no_grad():
+        attentions = model(input_ids, output_attentions=True).attentions
+        with model.disable_adapter():
+            base_attentions = model(input_ids, output_attentions=True).attentions
+    assert len(attentions) == 6 and all(a.shape == (2, 4, 12, 12) for a in attentions)
+    torch.testing.assert_close(attentions[2], base_attentions[2], atol=1e-6, rtol=1e-5)  # the anchor
+    assert not torch.allclose(attentions[3], base_attentions[3], atol=1e-3)
+    torch.testing.assert_close(attentions[3].sum(-1), torch.ones(2, 4, 12))

@@ -199,13 +199,26 @@ class LisaAttention(nn.Module, BaseTunerLayer):
                 "LiSA attention was called without its forward state. Run the whole model (the PeftModel returned "
                 "by get_peft_model / PeftModel.from_pretrained), not a single decoder layer."
             )
-        if role == ROLE_ANCHOR:
-            return self._anchor_forward(
-                adapter, hidden_states, position_embeddings, attention_mask, past_key_values, state
-            )
-        return self._lisa_forward(
-            adapter, hidden_states, position_embeddings, attention_mask, past_key_values, state
-        )
+        run = self._anchor_forward if role == ROLE_ANCHOR else self._lisa_forward
+        result = run(adapter, hidden_states, position_embeddings, attention_mask, past_key_values, state)
+        return self._call_base_forward_hooks(hidden_states, result)
+
+    def _call_base_forward_hooks(self, hidden_states: torch.Tensor, result: tuple) -> tuple:
+        """Run the forward hooks registered on the wrapped attention module with LiSA's output.
+
+        Tools hook the base attention class (transformers records `output_attentions` that way);
+        the base module's forward does not run on the LiSA path, so its hooks are called here as if
+        it had produced `result`. A hook may replace the result, as with nn.Module hooks.
+        """
+        base = self.base_layer
+        for hook_id, hook in list(base._forward_hooks.items()):
+            if hook_id in base._forward_hooks_with_kwargs:
+                out = hook(base, (hidden_states,), {}, result)
+            else:
+                out = hook(base, (hidden_states,), result)
+            if out is not None:
+                result = out
+        return result
 
     def _project(self, proj: nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
         """[B, T, d] -> [B, heads, T, e]."""
