@@ -185,6 +185,11 @@ class LisaModel(BaseTuner):
                     "model of a different shape."
                 )
             return planes
+        if attn.q_proj.weight.device.type == "meta":
+            raise ValueError(
+                f"Layer {layer_idx} has no weights yet (meta device), so its rotary planes cannot be chosen. Load the "
+                "base weights first, or give `rotary_planes` for every LiSA layer in the config."
+            )
         planes = rotary_planes_by_weight_norm(attn, half)
         config.rotary_planes[key] = planes.tolist()
         return planes
