@@ -4,7 +4,7 @@ Convention (shared/data/README.md): the first 90% of `tinyshakespeare.txt` is fo
 training, the last 10% is held out; perplexity on 512-token windows of the held-out part.
 
     python benchmarks/quality.py --fractions 0.4 --train-minutes 8          # quality bar
-    python benchmarks/quality.py --ablations --fractions 0.4 --train-minutes 0  # ablation table
+    python benchmarks/quality.py --ablations --layers 2 5 6 7 9 12 14 21 22 25 28 29 --train-minutes 0
 
 Every run converts the base model (`lisa_peft.convert`, automatic layers), optionally trains with
 the demo's trainer settings for a wall-clock budget, and reports base / LiSA perplexity and their
@@ -52,13 +52,14 @@ def run_one(name: str, overrides: dict, args, texts: tuple[str, str], base_cache
     evaluation = _windows(tokenizer, heldout_text, 512, args.eval_windows)
     if "base" not in base_cache:
         base_cache["base"] = perplexity(model, evaluation, progress=True, desc="base ppl")
-    config = LisaConfig(lisa_layers="auto", target_fraction=args.fraction, **{
-        "init_lisa_weights": "calibrate", **overrides})
+    layers = {"lisa_layers": args.layers} if args.layers else {"lisa_layers": "auto", "target_fraction": args.fraction}
+    config = LisaConfig(**layers, **{"init_lisa_weights": "calibrate", **overrides})
     calibration = Path(args.workdir) / "calibration.txt"
     calibration.write_text(train_text)
     lisa = convert(model, tokenizer, config, [str(calibration)], num_sequences=16, seq_len=128,
                    layerwise_steps=layerwise_steps, layerwise_lr=3e-3, progress=True)
-    result = {"name": name, "fraction": args.fraction, "lisa_layers": lisa.peft_config["default"].lisa_layers,
+    chosen = lisa.peft_config["default"].lisa_layers
+    result = {"name": name, "fraction": len(chosen) / model.config.num_hidden_layers, "lisa_layers": chosen,
               "base_ppl": base_cache["base"], "lisa_ppl_converted": perplexity(lisa, evaluation, progress=True)}
     if args.train_minutes > 0:
         train = _windows(tokenizer, train_text, 256, 4096)
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layerwise-steps", type=int, default=100)
     parser.add_argument("--eval-windows", type=int, default=16, help="512-token held-out windows (all: ~70).")
     parser.add_argument("--ablations", action="store_true", help="Run the ablation set at each fraction.")
+    parser.add_argument("--layers", type=int, nargs="+", default=None,
+                        help="Fixed LiSA layers instead of lisa_layers='auto' (e.g. to compare ablations).")
     parser.add_argument("--workdir", default="runs/quality")
     args = parser.parse_args(argv)
     text = Path(args.data).read_text(encoding="utf-8")

@@ -241,3 +241,16 @@ def test_chunk_token_windows() -> None:
         assert row == stream[index * 7:(index + 1) * 7]
     with pytest.raises(ValueError, match="39 tokens"):
         chunk_token_windows(tokenizer, texts, num_sequences=6, seq_len=7)
+
+
+def test_cli_analyze_with_lisa_sensitivity(model_dir: Path, text_file: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "sens"
+    argv = ["analyze", str(model_dir), "--text", str(text_file), "--num-sequences", "2", "--seq-len", "8",
+            "--out", str(out), "--sensitivity"]
+    assert main(argv) == 0
+    result = json.loads((out / "similarity.json").read_text())
+    sensitivity = result["sensitivity"]
+    assert len(sensitivity) == 4 and sensitivity[:2] == [None, None]  # min_full_layers = 2 stay full
+    assert all(isinstance(v, float) for v in sensitivity[2:])
+    assert result["sensitivity_unit"].startswith("LM-loss increase")
+    assert "(full)" in capsys.readouterr().out

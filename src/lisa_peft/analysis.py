@@ -170,8 +170,9 @@ def plot_similarity(result: dict, path: str | Path) -> None:
     if "sensitivity" in result:
         ax_sens = ax_line.twinx()
         sens = result["sensitivity"]
-        ax_sens.plot(range(len(sens)), sens, "^--", color="tab:green", label="sensitivity (layer l)")
-        ax_sens.set_ylabel("sensitivity")
+        xs = [i for i, v in enumerate(sens) if v is not None]
+        ax_sens.plot(xs, [sens[i] for i in xs], "^--", color="tab:green", label="sensitivity (layer l)")
+        ax_sens.set_ylabel(result.get("sensitivity_unit", "sensitivity"))
         more_h, more_l = ax_sens.get_legend_handles_labels()
         handles, labels = handles + more_h, labels + more_l
     ax_line.legend(handles, labels, loc="upper left")
@@ -216,8 +217,8 @@ def analyze(
     `texts`: calibration sources for `lisa_peft.data.load_texts` (text file paths or ``hf:NAME...``; None =
     the embedded pydoc corpus), cut into `num_sequences` windows of `seq_len` tokens, run `batch_size` at a
     time. `sensitivity_fn(model, input_ids [N, T], attention_mask [N, T])` -> one float per layer
-    (num_hidden_layers values): when given, its result is stored under the key ``sensitivity`` (and drawn in
-    the figure); the key is absent otherwise.
+    (num_hidden_layers values, None for a layer that was not measured): when given, its result is stored
+    under the key ``sensitivity`` (and drawn in the figure); the key is absent otherwise.
     Other keys: those of `adjacent_layer_similarity`, plus the run's settings.
     """
     from lisa_peft.base_models import DEMO_MODEL, load_base_model
@@ -245,13 +246,14 @@ def analyze(
         **_summarise(sums, rows),
     }
     if sensitivity_fn is not None:
-        sensitivity = [float(x) for x in sensitivity_fn(model, input_ids, attention_mask)]
+        sensitivity = [None if x is None else float(x) for x in sensitivity_fn(model, input_ids, attention_mask)]
         if len(sensitivity) != model.config.num_hidden_layers:
             raise ValueError(
                 f"sensitivity_fn returned {len(sensitivity)} values for "
                 f"{model.config.num_hidden_layers} layers"
             )
         result["sensitivity"] = sensitivity
+        result["sensitivity_unit"] = getattr(sensitivity_fn, "unit", "sensitivity")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "similarity.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -109,6 +109,22 @@ def layer_sensitivity(
     return scores
 
 
+def lisa_sensitivity(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     min_full_layers: int = 2, progress: bool = True) -> list[float | None]:
+    """Per layer: LM-loss increase (nats/token) when that layer alone is a calibrated LiSA layer.
+
+    input_ids [N, T] (unpadded windows). None for the first `min_full_layers` layers, which stay
+    full. The `sensitivity_fn` of `lisa_peft.analysis.analyze` (`lisa-peft analyze --sensitivity`).
+    """
+    inputs = C.capture_attention_inputs(model, input_ids, progress=progress)
+    config = LisaConfig(lisa_layers="auto", target_fraction=0.5, min_full_layers=min_full_layers)
+    scores = layer_sensitivity(model, inputs, input_ids, config, progress=progress)["loss"]
+    return [scores.get(i) for i in range(model.config.num_hidden_layers)]
+
+
+lisa_sensitivity.unit = "LM-loss increase as the only LiSA layer (nats)"
+
+
 def choose_layers(scores: dict[int, float], num_layers: int, fraction: float) -> list[int]:
     """The round(fraction * num_layers) layers with the lowest scores, sorted."""
     k = max(1, min(len(scores), round(fraction * num_layers)))
@@ -130,6 +146,7 @@ def convert(
     progress: bool = True,
     stage_callback: Callable[[str, PeftModel], Any] | None = None,
     calibration_ids: torch.Tensor | None = None,
+    sensitivity_sequences: int = 16,
 ) -> PeftModel:
     """Turn a pre-trained LLaMA model into a calibrated LiSA `PeftModel`.
 
@@ -140,7 +157,8 @@ def convert(
     stage_callback(stage, peft_model) runs after the calibrated init ("init") and after the
     layer-wise stage ("layerwise"); what it returns (e.g. a perplexity) is recorded under
     `layer_scores["stages"]`. calibration_ids: token windows [N, T] to use instead of
-    tokenizing `calibration_texts` (then `tokenizer` may be None).
+    tokenizing `calibration_texts` (then `tokenizer` may be None). sensitivity_sequences: how
+    many calibration windows the per-layer loss probe of `lisa_layers="auto"` runs on.
     """
     config = copy.deepcopy(config)
     if calibration_ids is not None:
@@ -154,7 +172,8 @@ def convert(
     scores_record: dict = {"calibration": {"num_sequences": int(input_ids.shape[0]), "seq_len": int(seq_len)}}
 
     if config.lisa_layers == "auto":
-        sensitivity = layer_sensitivity(model, inputs, input_ids, config, progress=progress)
+        probe_ids = input_ids[: max(1, sensitivity_sequences)]  # the loss probe runs the whole model per layer
+        sensitivity = layer_sensitivity(model, inputs, probe_ids, config, progress=progress)
         config.lisa_layers = choose_layers(sensitivity["loss"], num_layers, config.target_fraction)
         for kind, values in sensitivity.items():
             scores_record[f"sensitivity_{kind}"] = {str(k): round(v, 5) for k, v in values.items()}

@@ -30,24 +30,36 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per window (default: 256)")
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: 4)")
     parser.add_argument("--out", default="runs/analyze", help="output folder (default: runs/analyze)")
+    parser.add_argument(
+        "--sensitivity", action="store_true",
+        help="also measure per-layer LiSA sensitivity: the LM-loss increase when each layer alone is a "
+        "calibrated LiSA layer (what lisa_layers='auto' ranks by; one model forward per layer)",
+    )
     parser.set_defaults(func=run)
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     from lisa_peft.analysis import analyze
+    from lisa_peft.convert import lisa_sensitivity
 
     try:
         result = analyze(
             args.model, texts=args.text, num_sequences=args.num_sequences, seq_len=args.seq_len,
             out_dir=args.out, batch_size=args.batch_size,
+            sensitivity_fn=lisa_sensitivity if args.sensitivity else None,
         )
     except (BaseModelUnavailableError, FileNotFoundError, ValueError) as err:
         print(f"lisa-peft analyze: {err}", file=sys.stderr)
         return 1
-    print(f"{'layer':>5}  {'same-head JS':>12}  {'best-aligned JS':>15}")
+    sensitivity = result.get("sensitivity")
+    print(f"{'layer':>5}  {'same-head JS':>12}  {'best-aligned JS':>15}" + ("  sensitivity" if sensitivity else ""))
     for layer, same, best in zip(result["layers"], result["same_head_js"], result["best_aligned_js"]):
-        print(f"{layer:>5}  {same:>12.4f}  {best:>15.4f}")
+        extra = ""
+        if sensitivity:
+            value = sensitivity[layer]
+            extra = f"  {value:>11.4f}" if value is not None else f"  {'(full)':>11}"
+        print(f"{layer:>5}  {same:>12.4f}  {best:>15.4f}{extra}")
     out = Path(args.out)
     print(f"wrote {out / 'similarity.json'} and {out / 'similarity.png'}")
     return 0
