@@ -46,8 +46,7 @@ class AttentionInputs:
 
     def rope(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(cos, sin) broadcast to a batch of n sequences."""
-        cos, sin = self.position_embeddings
-        return cos.expand(n, -1, -1), sin.expand(n, -1, -1)
+        return _batched(self.position_embeddings, n)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
