@@ -22,7 +22,23 @@ from torch import nn
 from ..tuners.lisa.layer import ROLE_LISA, LisaAttention
 from ..tuners.lisa.model import backbone
 
-__all__ = ["attention_fidelity", "encode_texts", "layer_attentions", "lisa_layer_indices", "text_perplexities"]
+__all__ = [
+    "CITATION", "attention_fidelity", "encode_texts", "layer_attentions", "lisa_layer_indices", "text_perplexities",
+]
+
+
+# BibTeX of the LiSA paper, cited by both evaluate modules.
+CITATION = """\
+@article{mu2026lisa,
+  title={Cross-layer Attention Sharing for Pre-trained Large Language Models},
+  author={Mu and Wu and Fan and others},
+  journal={Transactions of the Association for Computational Linguistics},
+  volume={14},
+  pages={656--688},
+  year={2026},
+  note={arXiv:2408.01890}
+}
+"""
 
 
 def encode_texts(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import datasets
 import evaluate
 
-from lisa_peft.metrics.core import attention_fidelity
+from lisa_peft.metrics.core import CITATION, attention_fidelity
 
 _DESCRIPTION = """\
 Per-layer Jensen-Shannon divergence (natural log, between 0 and ln 2) between the attention
@@ -42,17 +42,6 @@ Examples:
     {'js_per_layer': {0: 0.0, ...}, 'mean_js_lisa_layers': ..., 'lisa_layers': [...], 'num_rows': ...}
 """
 
-_CITATION = """\
-@article{mu2026lisa,
-  title={Cross-layer Attention Sharing for Pre-trained Large Language Models},
-  author={Mu and Wu and Fan and others},
-  journal={Transactions of the Association for Computational Linguistics},
-  volume={14},
-  pages={656--688},
-  year={2026},
-  note={arXiv:2408.01890}
-}
-"""
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -63,7 +52,7 @@ class AttentionFidelity(evaluate.Metric):
         return evaluate.MetricInfo(
             module_type="metric",
             description=_DESCRIPTION,
-            citation=_CITATION,
+            citation=CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features({"predictions": datasets.Value("string")}),
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import datasets
 import evaluate
 
-from lisa_peft.metrics.core import text_perplexities
+from lisa_peft.metrics.core import CITATION, text_perplexities
 
 _DESCRIPTION = """\
 Perplexity of each input text under a causal language model object: exp of the mean next-token
@@ -38,17 +38,6 @@ Examples:
     {'perplexities': [...], 'mean_perplexity': ...}
 """
 
-_CITATION = """\
-@article{mu2026lisa,
-  title={Cross-layer Attention Sharing for Pre-trained Large Language Models},
-  author={Mu and Wu and Fan and others},
-  journal={Transactions of the Association for Computational Linguistics},
-  volume={14},
-  pages={656--688},
-  year={2026},
-  note={arXiv:2408.01890}
-}
-"""
 
 
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
@@ -59,7 +48,7 @@ class LisaPerplexity(evaluate.Metric):
         return evaluate.MetricInfo(
             module_type="metric",
             description=_DESCRIPTION,
-            citation=_CITATION,
+            citation=CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features({"predictions": datasets.Value("string")}),
         )
