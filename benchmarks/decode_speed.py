@@ -131,12 +131,12 @@ def crop_to(cache, n: int) -> None:
 @torch.no_grad()
 def prefill(model, ids: torch.Tensor, chunk: int):
     """KV cache of `ids` [1, N], built `chunk` tokens at a time; returns (cache, last logits)."""
-    from transformers import DynamicCache
+    from lisa_peft.transformers_compat import DynamicCache, cache_kwargs
 
     cache = DynamicCache()
     logits = None
     for start in range(0, ids.shape[1], chunk):
-        out = model(ids[:, start : start + chunk], past_key_values=cache, use_cache=True)
+        out = model(ids[:, start : start + chunk], **cache_kwargs(cache), use_cache=True)
         logits = out.logits[:, -1:]
     return cache, logits
 
@@ -144,12 +144,14 @@ def prefill(model, ids: torch.Tensor, chunk: int):
 @torch.no_grad()
 def decode(model, cache, logits: torch.Tensor, steps: int, device: torch.device) -> float:
     """Seconds for `steps` greedy decode steps from `cache` (appends to it)."""
+    from lisa_peft.transformers_compat import cache_kwargs
+
     token = logits.argmax(-1)
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(steps):
-        logits = model(token, past_key_values=cache, use_cache=True).logits
+        logits = model(token, **cache_kwargs(cache), use_cache=True).logits
         token = logits[:, -1:].argmax(-1)
     if device.type == "cuda":
         torch.cuda.synchronize()

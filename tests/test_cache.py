@@ -9,6 +9,7 @@ from transformers import DynamicCache, LlamaConfig
 
 from lisa_peft import LisaConfig
 from lisa_peft.memory import kv_cache_bytes, model_kv_cache_bytes
+from lisa_peft.transformers_compat import cache_kwargs, output_cache
 from tests.conftest import tiny_llama
 
 
@@ -19,7 +20,7 @@ def _lisa_model(kv_heads: int, **kwargs):
 def test_lisa_layers_cache_only_low_rank_keys(kv_heads, input_ids):
     model = _lisa_model(kv_heads)
     with torch.no_grad():
-        cache = model(input_ids, use_cache=True).past_key_values
+        cache = output_cache(model(input_ids, use_cache=True))
     assert isinstance(cache, DynamicCache)
     shapes = [(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in cache.layers]
     for idx, (keys, values) in enumerate(shapes):
@@ -34,9 +35,9 @@ def test_decode_steps_match_full_forward(kv_heads, input_ids, share):
         full = model(input_ids).logits
         out = model(input_ids[:, :6], use_cache=True)
         steps = [out.logits]
-        cache = out.past_key_values
+        cache = output_cache(out)
         for t in range(6, 12):  # one token at a time
-            out = model(input_ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = model(input_ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
 
@@ -85,10 +86,10 @@ def test_kv_cache_bytes_formula():
 def test_model_kv_cache_bytes_matches_a_real_cache(input_ids):
     model = _lisa_model(2)
     with torch.no_grad():
-        cache = model(input_ids, use_cache=True).past_key_values
+        cache = output_cache(model(input_ids, use_cache=True))
     measured = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     reported = model_kv_cache_bytes(model, batch_size=2, seq_len=12)
     assert reported.lisa == measured
     with model.disable_adapter(), torch.no_grad():
-        base_cache = model(input_ids, use_cache=True).past_key_values
+        base_cache = output_cache(model(input_ids, use_cache=True))
     assert reported.base == sum(layer.keys.nbytes + layer.values.nbytes for layer in base_cache.layers)

@@ -49,6 +49,31 @@ def test_calibrated_init_beats_identity_init_on_the_real_model(demo_model):
     assert ppl_base < ppl_calibrated < ppl_identity, (ppl_base, ppl_calibrated, ppl_identity)
 
 
+def test_cached_generation_equals_the_full_forward_on_the_real_model(demo_model, tmp_path):
+    """The user path of issue #12: save -> reload -> greedy generate with the cache, on SmolLM2 (GQA)."""
+    from peft import PeftModel, get_peft_model
+
+    from lisa_peft import LisaConfig
+    from lisa_peft.generation_check import verify_cached_generation
+
+    model, tokenizer = demo_model
+    layers = [2, 5, 6, 7, 9, 12, 14, 21, 22, 25, 28, 29]
+    lisa = get_peft_model(model, LisaConfig(lisa_layers=layers, init_lisa_weights="identity"))
+    lisa.save_pretrained(tmp_path / "adapter")
+    base = lisa.unload()
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    try:
+        prompts = ["The most important idea in programming is", "Once upon a time"]
+        side, tokenizer.padding_side = tokenizer.padding_side, "left"
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+        tokenizer.padding_side = side
+        check = verify_cached_generation(reloaded, batch.input_ids, batch.attention_mask, max_new_tokens=24)
+        assert check.steps_compared >= 1
+        assert check.max_logit_diff_cached_vs_full < 1e-3
+    finally:
+        reloaded.unload()
+
+
 def test_demo_end_to_end_with_push_to_the_local_hub(hub_server, tmp_path):
     repo = hub_server.unique_repo_id("demo")
     out = tmp_path / "demo"
@@ -70,5 +95,6 @@ def test_demo_end_to_end_with_push_to_the_local_hub(hub_server, tmp_path):
     assert summary["kv_lisa"] < summary["kv_base"]
     assert all(torch.isfinite(torch.tensor(summary[k])) for k in ("base_ppl", "lisa_ppl_trained"))
     assert summary["generation"].startswith("The most important idea in programming is")
+    assert summary["generation_check"].startswith("cached == uncached == full-forward argmax")
     readme = hub_server.read_file(repo, "README.md").decode()
     assert "LiSA layer map" in readme and "import lisa_peft" in readme

@@ -13,6 +13,7 @@ from peft import get_peft_model
 
 import lisa_kernels
 from lisa_peft import LisaConfig
+from lisa_peft.transformers_compat import cache_kwargs, output_cache
 from lisa_peft.tuners.lisa.dispatch import KernelPlan, mask_plan, set_kernel_mode
 from tests.conftest import tiny_llama
 
@@ -81,9 +82,9 @@ def test_decode_steps_match_torch_path(attn, kernel_calls):
         for mode in ("torch", "triton"):
             set_kernel_mode(model, mode)
             out = model(ids[:, :6], use_cache=True)
-            steps, cache = [out.logits], out.past_key_values
+            steps, cache = [out.logits], output_cache(out)
             for t in range(6, 8):
-                out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+                out = model(ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True)
                 steps.append(out.logits)
             logits[mode] = torch.cat(steps, dim=1)
     assert kernel_calls == {"anchor_attention": 3, "lisa_decode": 4, "lisa_prefill": 2}
@@ -116,8 +117,8 @@ def test_ragged_decode_mask_runs_on_kernels_with_lengths(kernel_calls):
     with torch.no_grad():
         for mode in ("torch", "triton"):
             set_kernel_mode(model, mode)
-            cache = model(ids[:, :6], use_cache=True).past_key_values
-            logits[mode] = model(ids[:, 6:], past_key_values=cache, attention_mask=mask, use_cache=True).logits
+            cache = output_cache(model(ids[:, :6], use_cache=True))
+            logits[mode] = model(ids[:, 6:], **cache_kwargs(cache), attention_mask=mask, use_cache=True).logits
     assert kernel_calls["lisa_decode"] == 2
     torch.testing.assert_close(logits["triton"], logits["torch"], **TOL)
 

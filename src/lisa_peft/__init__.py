@@ -20,11 +20,13 @@ Example (tiny random model; the same code runs on any LLaMA checkpoint):
 torch.Size([1, 4, 128])
 """
 
+from . import transformers_compat
 from .convert import convert
 from .hub import from_pretrained, push_adapter
 from .registration import register_lisa
 from .tuners.lisa import LisaAttention, LisaConfig, LisaModel
 
+transformers_compat.check_transformers_version()
 register_lisa()
 
 __all__ = ["LisaAttention", "LisaConfig", "LisaModel", "convert", "from_pretrained", "push_adapter"]

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import transformers_compat as compat
+
 __all__ = ["adjacent_layer_similarity", "analyze", "attention_maps", "pairwise_js_sums", "plot_similarity"]
 
 # Upper bound for the [B, chunk, H, T, T] temporary of `pairwise_js_sums` when no head_chunk is given.
@@ -35,7 +37,7 @@ def attention_maps(
     """Per-layer attention probabilities of a causal LM: a list (one per layer) of float32 [B, H, T, T]
     (query x key; rows sum to 1). `input_ids`, `attention_mask`: [B, T]. Runs the decoder only (no LM head)
     with eager attention, restoring the model's attention implementation afterwards."""
-    previous = model.config._attn_implementation
+    previous = compat.attn_implementation(model)
     if previous != "eager":
         model.set_attn_implementation("eager")
     try:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import transformers_compat as compat
 from .tuners.lisa import functional as LF
 from .tuners.lisa.layer import LisaAttention
 from .tuners.lisa.model import backbone
@@ -98,12 +99,10 @@ def capture_attention_inputs(
 
 def full_qk(attn: nn.Module, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
     """Rotary-embedded base queries [B, H, T, D] and keys [B, G, T, D] of a LLaMA attention."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     b, t, _ = hidden.shape
     q = attn.q_proj(hidden).view(b, t, -1, attn.head_dim).transpose(1, 2)
     k = attn.k_proj(hidden).view(b, t, -1, attn.head_dim).transpose(1, 2)
-    return apply_rotary_pos_emb(q, k, *rope)
+    return compat.apply_rotary_pos_emb(q, k, *rope)
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
+from .generation_check import verify_cached_generation
 from .memory import model_kv_cache_bytes
 from .recipe import load_recipe, run_recipe
 
@@ -65,6 +66,7 @@ def summary_table(summary: dict[str, Any]) -> str:
             f"(-{100 * (1 - summary['kv_lisa'] / summary['kv_base']):.1f}%)",
         ),
         ("reloaded adapter gives identical logits", "yes" if summary["reload_identical"] else "NO"),
+        ("cached generation check", summary.get("generation_check", "-")),
         ("wall time", f"{summary['wall_seconds'] / 60:.1f} min"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -110,5 +112,14 @@ def run_demo(
         prompt = tokenizer(DEMO_PROMPT, return_tensors="pt")
         generated = reloaded.generate(**prompt, max_new_tokens=40, do_sample=False, use_cache=True)
     summary["generation"] = tokenizer.decode(generated[0], skip_special_tokens=True)
+    # Raises CachedGenerationMismatch (the demo stops) if cached decoding is not what the model computes.
+    check = verify_cached_generation(reloaded, prompt.input_ids, prompt.attention_mask, max_new_tokens=40)
+    if not torch.equal(check.sequences[:, : generated.shape[1]], generated):
+        raise RuntimeError("generate() gave different tokens on two identical greedy runs of the reloaded adapter.")
+    summary["generation_check"] = (
+        f"cached == uncached == full-forward argmax on {check.steps_compared} steps, max |logit diff| "
+        f"{max(check.max_logit_diff_cached_vs_full, check.max_logit_diff_cached_vs_uncached):.1e}"
+        + (f" (near-tie at step {check.tie_flip_step})" if check.tie_flip_step is not None else "")
+    )
     summary["wall_seconds"] = time.monotonic() - start
     return summary

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import transformers_compat as compat
 from ..tuners.lisa.layer import ROLE_LISA, LisaAttention
 from ..tuners.lisa.model import backbone
 
@@ -137,8 +138,7 @@ def _explicit_attention(model: nn.Module) -> Iterator[None]:
     """Inside the context every attention layer returns its probabilities: the base attention runs
     eagerly (sdpa / flash return None) and LiSA / anchor layers run the PyTorch path (the Triton
     kernels return None). Both settings are restored on exit."""
-    config = model.config
-    previous = getattr(config, "_attn_implementation", None)
+    previous = compat.attn_implementation(model)
     lisa_modules = [m for m in model.modules() if isinstance(m, LisaAttention)]
     saved_kernels = [dict(m.lisa_kernel) for m in lisa_modules]
     switch = previous != "eager"

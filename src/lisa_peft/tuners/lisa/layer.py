@@ -22,6 +22,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from ... import transformers_compat as compat
 from . import functional as LF
 from .dispatch import anchor_kernel, kernel_plan, lisa_kernel
 from .state import LisaForwardState
@@ -180,27 +181,34 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
-        past_key_values: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """hidden_states [B, T, d] -> (attention output [B, T, d], probabilities [B, H, T, N] or None)."""
+        """hidden_states [B, T, d] -> (attention output [B, T, d], probabilities [B, H, T, N] or None).
+
+        The KV cache arrives in `kwargs` under the name this transformers uses (`compat.CACHE_KWARG`).
+        """
         state: LisaForwardState | None = kwargs.pop("lisa_state", None)
         adapter, role = self._active_role()
         if role is None:
             return self.base_layer(
-                hidden_states,
-                position_embeddings=position_embeddings,
-                attention_mask=attention_mask,
-                past_key_values=past_key_values,
-                **kwargs,
+                hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs
             )
         if state is None:
             raise RuntimeError(
                 "LiSA attention was called without its forward state. Run the whole model (the PeftModel returned "
                 "by get_peft_model / PeftModel.from_pretrained), not a single decoder layer."
             )
+        cache = compat.pop_cache(kwargs)
+        if cache is None and kwargs.get("use_cache"):
+            raise RuntimeError(
+                f"Layer {self.layer_idx} was called with use_cache=True but received no KV cache (looked for "
+                f"`{compat.CACHE_KWARG}`): this transformers release ({compat.TRANSFORMERS_VERSION}) passes the cache "
+                "in a way lisa-peft does not know, and continuing would silently decode without it. Install a tested "
+                f"release: pip install 'transformers>={compat.TESTED_TRANSFORMERS_MIN},"
+                f"<={compat.TESTED_TRANSFORMERS_MAX}'."
+            )
         run = self._anchor_forward if role == ROLE_ANCHOR else self._lisa_forward
-        result = run(adapter, hidden_states, position_embeddings, attention_mask, past_key_values, state)
+        result = run(adapter, hidden_states, position_embeddings, attention_mask, cache, state)
         return self._call_base_forward_hooks(hidden_states, result)
 
     def _call_base_forward_hooks(self, hidden_states: torch.Tensor, result: tuple) -> tuple:
@@ -225,19 +233,17 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         out = proj(x.to(proj.weight.dtype))
         return out.view(*x.shape[:2], heads, -1).transpose(1, 2)
 
-    def _anchor_forward(self, adapter, hidden_states, position_embeddings, attention_mask, past_key_values, state):
+    def _anchor_forward(self, adapter, hidden_states, position_embeddings, attention_mask, cache, state):
         """Full attention that publishes its pre-mask logits; on the Triton kernel when dispatch.py says so
         (then the returned attention probabilities are None, as with sdpa)."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         base = self.base_layer
         q = self._project(base.q_proj, hidden_states, self.num_heads)
         k = self._project(base.k_proj, hidden_states, self.num_kv_heads)
         v = self._project(base.v_proj, hidden_states, self.num_kv_heads)
         cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = _update_cache(past_key_values, k, v, self.layer_idx)
+        q, k = compat.apply_rotary_pos_emb(q, k, cos, sin)
+        if cache is not None:
+            k, v = compat.update_cache(cache, k, v, self.layer_idx)
         plan = kernel_plan(self.lisa_kernel[adapter], attention_mask, (q, k, v), q.shape[2], k.shape[2], state)
         if plan is not None:
             out, logits = anchor_kernel(q, k, v, base.scaling, plan)
@@ -271,12 +277,12 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         ffn_in = prev if share == "logits" else LF.masked_softmax(prev, mask, q_r.dtype)
         return LF.combine_scores(self.head_ffn(adapter, ffn_in), delta, share)
 
-    def _lisa_forward(self, adapter, hidden_states, position_embeddings, attention_mask, past_key_values, state):
+    def _lisa_forward(self, adapter, hidden_states, position_embeddings, attention_mask, cache, state):
         """LiSA attention; on the Triton kernels when dispatch.py says so (then the probabilities are None)."""
         q_r, k_r = self.lisa_projections(adapter, hidden_states, position_embeddings)
         v = self._project(self.base_layer.v_proj, hidden_states, self.num_kv_heads)
-        if past_key_values is not None:
-            k_r, v = _update_cache(past_key_values, k_r, v, self.layer_idx)
+        if cache is not None:
+            k_r, v = compat.update_cache(cache, k_r, v, self.layer_idx)
         prev = state.consume(self.layer_idx - 1)
         up, down = self.lisa_ffn_up[adapter], self.lisa_ffn_down[adapter]
         plan = kernel_plan(
@@ -314,25 +320,6 @@ def select_rotary_for(
     """cos/sin of the kept planes, [B, G, T, r], in `dtype`."""
     cos_r, sin_r = LF.select_rotary(position_embeddings, index)
     return cos_r.to(dtype), sin_r.to(dtype)
-
-
-def _update_cache(cache: Any, keys: torch.Tensor, values: torch.Tensor, layer_idx: int):
-    """Append keys [B, G, T, r or D] and values [B, G, T, D] to a transformers Cache layer.
-
-    Returns the cached keys/values including the new ones. Only growing caches (`DynamicCache`)
-    are supported: pre-allocated caches pad keys to a fixed length, and LiSA's explicit masks
-    assume that all N cached positions are real tokens.
-    """
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    if layers is not None and layer_idx < len(layers) and type(layers[layer_idx]) is not DynamicLayer:
-        raise ValueError(
-            f"The KV cache of layer {layer_idx} is a {type(layers[layer_idx]).__name__}. Pre-allocated caches "
-            "(StaticCache and friends) are not supported by LiSA and anchor layers: use the default DynamicCache "
-            "(do not pass cache_implementation='static' to generate)."
-        )
-    return cache.update(keys, values, layer_idx)
 
 
 _MERGE_ERROR = (

@@ -1,0 +1,134 @@
+"""Every use of transformers internals by lisa-peft, in one place.
+
+LiSA layers stand in for LLaMA's attention modules, so they depend on parts of transformers that
+are not a stable public API and have changed between releases: the name under which a decoder
+layer hands the KV cache to its attention module (`past_key_values` up to 5.23, `cache` from 5.24),
+the name of the cache on model outputs, the cache layer classes, the RoPE helper and the attention
+implementation flag. Nothing else in lisa-peft imports from transformers' modeling or cache
+internals; when a release changes one of them, this file is the one to change.
+
+The cache argument's name is read from the installed `LlamaAttention.forward` signature, not
+guessed from a version number, and a missing name is an error at import time rather than a cache
+that silently never arrives.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.models.llama import modeling_llama
+
+# The transformers releases that CI runs the suite on (locked) and its fast subset on (oldest and
+# newest). Keep in step with setup.cfg and requirements/lock.txt.
+TESTED_TRANSFORMERS_MIN = "5.0.0"
+TESTED_TRANSFORMERS_MAX = "5.24.0"
+
+TRANSFORMERS_VERSION = Version(transformers.__version__)
+
+apply_rotary_pos_emb = modeling_llama.apply_rotary_pos_emb
+"""RoPE of LLaMA: (q [B, H, T, D], k [B, G, T, D], cos, sin) -> rotated (q, k)."""
+
+__all__ = [
+    "CACHE_KWARG",
+    "DynamicCache",
+    "DynamicLayer",
+    "TESTED_TRANSFORMERS_MAX",
+    "TESTED_TRANSFORMERS_MIN",
+    "apply_rotary_pos_emb",
+    "attn_implementation",
+    "cache_kwargs",
+    "check_transformers_version",
+    "output_cache",
+    "pop_cache",
+    "update_cache",
+]
+
+
+def _attention_cache_kwarg() -> str:
+    """The keyword under which LLaMA decoder layers pass the KV cache to `self_attn`."""
+    params = inspect.signature(modeling_llama.LlamaAttention.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise ImportError(
+        f"transformers {transformers.__version__}: LlamaAttention.forward takes neither `cache` nor "
+        f"`past_key_values` (parameters: {list(params)}), so LiSA layers cannot find the KV cache. lisa-peft is "
+        f"tested with transformers {TESTED_TRANSFORMERS_MIN} to {TESTED_TRANSFORMERS_MAX}: "
+        f"pip install 'transformers>={TESTED_TRANSFORMERS_MIN},<={TESTED_TRANSFORMERS_MAX}'."
+    )
+
+
+CACHE_KWARG: str = _attention_cache_kwarg()
+"""`"cache"` (transformers >= 5.24) or `"past_key_values"` (older): the cache argument of attention
+modules, decoder layers and model forwards."""
+_LEGACY_CACHE_KWARG = "past_key_values" if CACHE_KWARG == "cache" else "cache"
+
+
+def check_transformers_version(version: Version = TRANSFORMERS_VERSION) -> bool:
+    """Warn (and return False) when `version` lies outside the range that CI tested."""
+    low, high = Version(TESTED_TRANSFORMERS_MIN), Version(TESTED_TRANSFORMERS_MAX)
+    if low <= version and version.release[:2] <= high.release[:2]:
+        return True
+    warnings.warn(
+        f"lisa-peft was tested with transformers {TESTED_TRANSFORMERS_MIN} to {TESTED_TRANSFORMERS_MAX}; "
+        f"transformers {version} is installed. LiSA layers replace LLaMA attention and depend on its internals, "
+        "so an untested release may break them (transformers 5.24 renamed the cache argument, for instance). "
+        f"Install a tested release: pip install 'transformers>={TESTED_TRANSFORMERS_MIN},"
+        f"<={TESTED_TRANSFORMERS_MAX}'.",
+        UserWarning,
+        stacklevel=3,
+    )
+    return False
+
+
+def pop_cache(kwargs: dict[str, Any]) -> Any:
+    """Remove the KV cache from an attention module's keyword arguments and return it (or None).
+
+    Reads the name this transformers passes (`CACHE_KWARG`); a cache under the other name (a caller
+    that still uses the old or already the new spelling) is accepted too, never silently dropped.
+    """
+    cache = kwargs.pop(CACHE_KWARG, None)
+    legacy = kwargs.pop(_LEGACY_CACHE_KWARG, None)
+    return cache if cache is not None else legacy
+
+
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """Keyword arguments that pass `cache` to a model's or layer's forward: `{CACHE_KWARG: cache}`."""
+    return {CACHE_KWARG: cache}
+
+
+def output_cache(outputs: Any) -> Any:
+    """The KV cache returned by a forward (`outputs.cache` from 5.24, `outputs.past_key_values` before)."""
+    for name in (CACHE_KWARG, _LEGACY_CACHE_KWARG):
+        value = getattr(outputs, name, None) if not isinstance(outputs, dict) else outputs.get(name)
+        if value is not None:
+            return value
+    return None
+
+
+def update_cache(cache: Any, keys: torch.Tensor, values: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, ...]:
+    """Append keys [B, G, T, r or D] and values [B, G, T, D] to layer `layer_idx` of a transformers cache.
+
+    Returns all cached keys/values of that layer, new ones included. Only growing cache layers
+    (`DynamicLayer`) are supported: pre-allocated layers pad keys to a fixed length, and LiSA's
+    explicit masks assume that all N cached positions are real tokens.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is not None and layer_idx < len(layers) and type(layers[layer_idx]) is not DynamicLayer:
+        raise ValueError(
+            f"The KV cache of layer {layer_idx} is a {type(layers[layer_idx]).__name__}. Pre-allocated caches "
+            "(StaticCache and friends) are not supported by LiSA and anchor layers: use the default DynamicCache "
+            "(do not pass cache_implementation='static' to generate)."
+        )
+    return cache.update(keys, values, layer_idx)
+
+
+def attn_implementation(model: torch.nn.Module) -> str | None:
+    """The attention implementation a model's config asks for ("eager", "sdpa", ...)."""
+    return getattr(model.config, "_attn_implementation", None)
