@@ -117,7 +117,7 @@ def run_demo(
     if not torch.equal(check.sequences[:, : generated.shape[1]], generated):
         raise RuntimeError("generate() gave different tokens on two identical greedy runs of the reloaded adapter.")
     summary["generation_check"] = (
-        f"cached == uncached == full-forward argmax on {check.steps_compared} steps, max |logit diff| "
+        f"cached == uncached == full-forward argmax on {check.steps_compared} steps, max abs logit diff "
         f"{max(check.max_logit_diff_cached_vs_full, check.max_logit_diff_cached_vs_uncached):.1e}"
         + (f" (near-tie at step {check.tie_flip_step})" if check.tie_flip_step is not None else "")
     )
