@@ -22,12 +22,13 @@ torch.Size([1, 4, 128])
 
 from . import transformers_compat
 from .convert import convert
-from .hub import from_pretrained, push_adapter
+from .hub import from_pretrained, install_hub_hooks, push_adapter
 from .registration import register_lisa
 from .tuners.lisa import LisaAttention, LisaConfig, LisaModel
+from .version import __version__
 
 transformers_compat.check_transformers_version()
 register_lisa()
+install_hub_hooks()
 
-__all__ = ["LisaAttention", "LisaConfig", "LisaModel", "convert", "from_pretrained", "push_adapter"]
-__version__ = "0.1.0"
+__all__ = ["LisaAttention", "LisaConfig", "LisaModel", "__version__", "convert", "from_pretrained", "push_adapter"]

@@ -250,10 +250,10 @@ def render_model_card(
     """
     import peft
 
-    from . import __version__
     from .memory import kv_cache_bytes, lisa_parameter_count
     from .tuners.lisa.config import base_model_shape
     from .tuners.lisa.model import default_rank
+    from .version import __version__
 
     config, model = _resolve(peft_model_or_config, adapter_name)
     if base_model_config is None:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from peft.config import PeftConfig
 
-from ...registration import lisa_peft_type
+from .peft_type import lisa_peft_type
 
 SHARE_MODES = ("logits", "probs")
 INIT_MODES = ("calibrate", "identity", "random")
@@ -62,7 +62,7 @@ class LisaConfig(PeftConfig):
             path (the reference). In every mode the PyTorch path runs when a gradient is needed
             (training) and for masks the kernels cannot express (left padding, padded prefill);
             the kernels return no attention probabilities (None, as sdpa). Switch a loaded model
-            with `dispatch.set_kernel_mode(model, mode)`.
+            with `tuners.lisa.model.set_kernel_mode(model, mode)`.
         rotary_planes: Resolved at injection: for each LiSA layer (key = layer index as a
             string) the rotary plane indices kept per KV head, shape [G][r/2]. Set it only to
             reproduce an adapter exactly (loading does this from the saved config).

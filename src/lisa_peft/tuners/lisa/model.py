@@ -10,7 +10,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from .config import LisaConfig, base_model_shape, base_shape_mismatch
+from .config import KERNEL_MODES, LisaConfig, base_model_shape, base_shape_mismatch
 from .layer import _MERGE_ERROR, ROLE_ANCHOR, ROLE_LISA, LisaAttention
 from .state import LisaForwardState
 
@@ -66,6 +66,17 @@ def add_forward_state(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tup
     """Forward pre-hook of the decoder stack: a fresh LisaForwardState for every forward pass."""
     kwargs["lisa_state"] = LisaForwardState()
     return args, kwargs
+
+
+def set_kernel_mode(model: torch.nn.Module, mode: str, adapter_name: str | None = None) -> None:
+    """Switch `LisaConfig.kernel` of a loaded LiSA model (its active adapter unless `adapter_name`)."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernel must be one of {KERNEL_MODES}, got {mode!r}.")
+    adapter_name = adapter_name or model.active_adapter
+    model.peft_config[adapter_name].kernel = mode
+    for module in model.modules():
+        if isinstance(module, LisaAttention) and adapter_name in module.lisa_roles:
+            module.lisa_kernel[adapter_name] = mode
 
 
 class LisaModel(BaseTuner):
