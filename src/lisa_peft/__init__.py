@@ -23,6 +23,7 @@ torch.Size([1, 4, 128])
 from . import transformers_compat
 from .convert import convert
 from .hub import from_pretrained, install_hub_hooks, push_adapter
+from .loading import install_loading_guards
 from .registration import register_lisa
 from .tuners.lisa import LisaAttention, LisaConfig, LisaModel
 from .version import __version__
@@ -30,5 +31,6 @@ from .version import __version__
 transformers_compat.check_transformers_version()
 register_lisa()
 install_hub_hooks()
+install_loading_guards()
 
 __all__ = ["LisaAttention", "LisaConfig", "LisaModel", "__version__", "convert", "from_pretrained", "push_adapter"]

@@ -17,6 +17,7 @@ else raises `LisaNotRegisteredError` with `UNREGISTERED_HINT`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
@@ -64,6 +65,13 @@ class BaseModelLoadError(LisaAdapterError):
 
 class HubUnreachableError(LisaAdapterError):
     """The Hub could not be reached (network failure, or offline without a cached copy)."""
+
+
+class InvalidAdapterConfigError(LisaAdapterError, json.JSONDecodeError):
+    """adapter_config.json is not valid JSON (still a `json.JSONDecodeError` for code that catches that)."""
+
+    def __init__(self, message: str, err: json.JSONDecodeError) -> None:
+        json.JSONDecodeError.__init__(self, message, err.doc, err.pos)
 
 
 class LisaNotRegisteredError(RuntimeError):

@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from ..registration import PEFT_TYPE_NAME
-from .errors import MissingAdapterFileError, NotALisaAdapterError, UnsafeAdapterFormatError, translate_hub_errors
+from .errors import (
+    InvalidAdapterConfigError,
+    MissingAdapterFileError,
+    NotALisaAdapterError,
+    UnsafeAdapterFormatError,
+    translate_hub_errors,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -34,11 +40,8 @@ def read_adapter_config(folder: Path, source: str) -> dict[str, Any]:
         )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise NotALisaAdapterError(
-            f"{source}: {CONFIG_NAME} ({path}) is not valid JSON ({err}). The file is damaged or not an adapter "
-            f"config: restore it from the original adapter. {RESAVE_HINT}"
-        ) from err
+    except json.JSONDecodeError as err:
+        raise invalid_json_error(str(path), err) from err
     peft_type = raw.get("peft_type") if isinstance(raw, dict) else None
     if peft_type is None:
         raise NotALisaAdapterError(f"{source}: {CONFIG_NAME} has no peft_type, so it is not a PEFT adapter config.")
@@ -48,6 +51,15 @@ def read_adapter_config(folder: Path, source: str) -> dict[str, Any]:
             "peft.PeftModel.from_pretrained(base, ...) instead."
         )
     return raw
+
+
+def invalid_json_error(path: str, err: json.JSONDecodeError) -> InvalidAdapterConfigError:
+    """The error for an adapter_config.json at `path` that does not parse."""
+    return InvalidAdapterConfigError(
+        f"{path} is not valid JSON ({err.msg}), so the adapter cannot be loaded. The file is damaged or is not an "
+        f"adapter config: restore it from the original adapter. {RESAVE_HINT}",
+        err,
+    )
 
 
 def pickle_only_error(source: str) -> UnsafeAdapterFormatError:
@@ -69,7 +81,7 @@ def check_local_weights(folder: Path, source: str) -> None:
 
 def fetch_adapter(adapter_id: str | os.PathLike, revision: str | None, token: str | bool | None) -> Path:
     """A local folder with the adapter's config and safetensors weights (downloaded from the Hub if needed)."""
-    from huggingface_hub import file_exists, hf_hub_download
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import RemoteEntryNotFoundError
 
     local = Path(adapter_id).expanduser()
@@ -87,15 +99,34 @@ def fetch_adapter(adapter_id: str | os.PathLike, revision: str | None, token: st
             ) from err
     folder = config_path.parent  # .../snapshots/<commit>: fetch the weights of exactly that commit
     read_adapter_config(folder, source)
-    commit = folder.name
-    with translate_hub_errors(source, revision, f"the weights of {source}"):
-        try:
-            hf_hub_download(source, WEIGHTS_NAME, revision=commit, token=token)
-        except RemoteEntryNotFoundError as err:
-            if file_exists(source, PICKLE_WEIGHTS_NAME, revision=commit, token=token):
-                raise pickle_only_error(f"The Hub repo {source}") from err
-            raise MissingAdapterFileError(
-                f"The Hub repo {source} (revision {revision or 'main'}) has {CONFIG_NAME} but no {WEIGHTS_NAME} "
-                "(the LiSA weights)."
-            ) from err
+    download_weights(source, revision=folder.name, token=token)  # the weights of exactly that commit
     return folder
+
+
+def download_weights(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    subfolder: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> Path:
+    """`adapter_model.safetensors` of a Hub repo (downloaded or from the cache); pickle-only repos are refused."""
+    from huggingface_hub import file_exists, hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+
+    where = f"{subfolder}/" if subfolder else ""
+    with translate_hub_errors(repo_id, revision, f"the weights of {repo_id}"):
+        try:
+            return Path(hf_hub_download(
+                repo_id, WEIGHTS_NAME, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir
+            ))
+        except RemoteEntryNotFoundError as err:
+            pickle_name = where + PICKLE_WEIGHTS_NAME
+            if file_exists(repo_id, pickle_name, revision=revision, token=token):
+                label = f"The Hub repo {repo_id}" + (f" (folder {subfolder})" if subfolder else "")
+                raise pickle_only_error(label) from err
+            raise MissingAdapterFileError(
+                f"The Hub repo {repo_id} (revision {revision or 'main'}) has {where}{CONFIG_NAME} but no "
+                f"{where}{WEIGHTS_NAME} (the LiSA weights). {RESAVE_HINT}"
+            ) from err

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from peft.config import PeftConfig
+from peft.utils import TaskType
 
 from .peft_type import lisa_peft_type
 
@@ -73,6 +74,9 @@ class LisaConfig(PeftConfig):
             Adapters saved before this field existed load without the check.
         layer_scores: Written by `lisa_peft.convert`: per-layer sensitivity numbers that decided
             `lisa_layers="auto"` (and calibration statistics).
+        task_type: PEFT's task type; LiSA adapters are causal-LM adapters, so `None` (also in configs saved
+            before this default existed) becomes `"CAUSAL_LM"`: `PeftModel.from_pretrained` returns a
+            `PeftModelForCausalLM`, as for a LoRA causal-LM adapter.
         target_modules: Resolved at injection: a regex naming the `self_attn` modules wrapped
             (LiSA layers and their anchors). Not meant to be set by hand.
     """
@@ -118,6 +122,8 @@ class LisaConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
+        if self.task_type is None:  # LiSA adapters are causal-LM adapters (also old configs saved with null)
+            self.task_type = TaskType.CAUSAL_LM
         super().__post_init__()
         self.peft_type = lisa_peft_type()
         self._validate()
