@@ -122,7 +122,7 @@ def test_no_import_cycle_in_lisa_peft():
     assert cycles == [], "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
-@pytest.mark.parametrize("forbidden", ["hub", "model_card", "registration", "hooks"])
+@pytest.mark.parametrize("forbidden", ["hub", "model_card", "registration", "loading", "mixed", "patching"])
 def test_tuner_package_knows_nothing_above_it(forbidden):
     graph = import_graph()
     tuner_modules = [name for name in graph if name.startswith(f"{PACKAGE}.tuners")]

@@ -4,8 +4,9 @@
 `LisaConfig` / `LisaModel` with `register_peft_method`. Idempotent: importing `lisa_peft` twice (or
 reloading it) does nothing the second time, and a reload that created new classes points PEFT at them.
 
-This module sits right above the tuner package and below everything that hooks into PEFT or the Hub
-(`lisa_peft.hub.hooks`, `lisa_peft.loading.hooks`), which `lisa_peft/__init__.py` installs.
+This module sits right above the tuner package and below everything that hooks into PEFT, transformers
+or the Hub (`lisa_peft.hub.hooks`, `lisa_peft.loading.hooks`, `lisa_peft.mixed`), which
+`lisa_peft/__init__.py` installs.
 """
 
 from __future__ import annotations
