@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 from peft import AutoPeftModelForCausalLM, PeftModel, PeftModelForCausalLM, get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save, save_file
 
 import lisa_peft
 from lisa_peft import LisaAttention, LisaConfig
@@ -212,6 +212,23 @@ def test_good_adapter_loads_identically_on_every_path_without_warnings(load, bas
     torch.testing.assert_close(_logits(model), expected, rtol=0, atol=0)
 
 
+@pytest.mark.hub
+def test_hub_repos_are_checked_on_every_path(hub_client, base_dir, good_dir, monkeypatch):
+    config = (good_dir / "adapter_config.json").read_bytes()
+    tensors = load_file(good_dir / WEIGHTS)
+    _drop(tensors)
+    broken = hub_client.unique_repo_id("broken")
+    hub_client.make_repo(broken, {"adapter_config.json": config, WEIGHTS: save(tensors)})
+    pickle_only = hub_client.unique_repo_id("pickle")
+    hub_client.make_repo(pickle_only, {"adapter_config.json": config, "adapter_model.bin": b"never unpickled"})
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("adapter_model.bin was unpickled"))
+    for path in PATHS.values():
+        with pytest.raises(LisaCheckpointError, match="missing: model.layers.3.self_attn.lisa_ffn_up.weight"):
+            path(broken, base_dir, good_dir)
+        with pytest.raises(UnsafeAdapterFormatError, match="only adapter_model.bin"):
+            path(pickle_only, base_dir, good_dir)
+
+
 # ---------------------------------------------------------------------------------------------- task type
 def test_task_type_defaults_to_causal_lm():
     config = LisaConfig(lisa_layers=[2, 3])
@@ -230,6 +247,22 @@ def test_old_adapter_with_null_task_type_loads_as_causal_lm(base_dir, good_dir, 
         assert type(model) is PeftModelForCausalLM
     out = model.generate(input_ids=IDS, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (1, IDS.shape[1] + 3)
+
+
+def test_pipeline_runs_an_old_adapter_saved_with_null_task_type(tmp_path):
+    from tests.tiny_assets import char_tokenizer, save_tiny_checkpoint
+
+    base_dir = save_tiny_checkpoint(tmp_path / "base")
+    auto = transformers.AutoModelForCausalLM
+    model = get_peft_model(auto.from_pretrained(base_dir), LisaConfig(lisa_layers=[2, 3]))
+    model.save_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
+    (tmp_path / "adapter/adapter_config.json").write_text(json.dumps({**config, "task_type": None}))
+    loaded = PeftModel.from_pretrained(auto.from_pretrained(base_dir), tmp_path / "adapter")
+    pipe = transformers.pipeline("text-generation", model=loaded, tokenizer=char_tokenizer())
+    assert type(pipe.model).__name__ == "PeftModelForCausalLM"  # a class pipeline lists for text-generation
+    text = pipe("abc", max_new_tokens=4, do_sample=False)[0]["generated_text"]
+    assert text.startswith("abc") and len(text) > 3
 
 
 # ---------------------------------------------------------------------------------------------- merging

@@ -67,8 +67,9 @@ class HubUnreachableError(LisaAdapterError):
     """The Hub could not be reached (network failure, or offline without a cached copy)."""
 
 
-class InvalidAdapterConfigError(LisaAdapterError, json.JSONDecodeError):
-    """adapter_config.json is not valid JSON (still a `json.JSONDecodeError` for code that catches that)."""
+class InvalidAdapterConfigError(NotALisaAdapterError, json.JSONDecodeError):
+    """adapter_config.json is not valid JSON (still a `json.JSONDecodeError` for code that catches PEFT's error,
+    and a `NotALisaAdapterError` as `lisa_peft.from_pretrained` raised before)."""
 
     def __init__(self, message: str, err: json.JSONDecodeError) -> None:
         json.JSONDecodeError.__init__(self, message, err.doc, err.pos)
