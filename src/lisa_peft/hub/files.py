@@ -109,9 +109,11 @@ def download_weights(
     revision: str | None = None,
     token: str | bool | None = None,
     subfolder: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
+    **download_kwargs: Any,
 ) -> Path:
-    """`adapter_model.safetensors` of a Hub repo (downloaded or from the cache); pickle-only repos are refused."""
+    """`adapter_model.safetensors` of a Hub repo (downloaded or from the cache); pickle-only repos are refused.
+
+    download_kwargs: further `hf_hub_download` arguments (cache_dir, local_files_only, ...)."""
     from huggingface_hub import file_exists, hf_hub_download
     from huggingface_hub.errors import RemoteEntryNotFoundError
 
@@ -119,7 +121,7 @@ def download_weights(
     with translate_hub_errors(repo_id, revision, f"the weights of {repo_id}"):
         try:
             return Path(hf_hub_download(
-                repo_id, WEIGHTS_NAME, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir
+                repo_id, WEIGHTS_NAME, subfolder=subfolder, revision=revision, token=token, **download_kwargs
             ))
         except RemoteEntryNotFoundError as err:
             pickle_name = where + PICKLE_WEIGHTS_NAME

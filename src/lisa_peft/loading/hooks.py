@@ -86,7 +86,8 @@ def _transformers_load_hook(original: Callable) -> Callable:
         bound = signature.bind(self, *args, **kwargs)
         arguments = bound.arguments
         extra = arguments.get("kwargs") or {}
-        download = hub_kwargs(extra, arguments.get("adapter_kwargs"))
+        named = {"local_files_only": arguments.get("local_files_only") or None}
+        download = hub_kwargs(extra, arguments.get("adapter_kwargs"), named)
         model_id = arguments.get("peft_model_id")
         config = arguments.get("peft_config") or (peek_adapter_config(model_id, **download) if model_id else None)
         if not is_lisa_config(config):

@@ -13,16 +13,20 @@ from typing import Any
 
 from ..hub.files import CONFIG_NAME, WEIGHTS_NAME, check_local_weights, download_weights
 
-HUB_KWARGS = ("subfolder", "revision", "token", "cache_dir")
-
 
 def hub_kwargs(*sources: dict[str, Any] | None) -> dict[str, Any]:
-    """The download arguments (subfolder, revision, token, cache_dir) among keyword-argument dicts."""
+    """The `hf_hub_download` arguments (subfolder, revision, token, cache_dir, local_files_only, ...) among
+    keyword-argument dicts: the same split PEFT makes, so a check looks where the loader will look."""
+    import inspect
+
+    from huggingface_hub import hf_hub_download
+
+    names = set(inspect.signature(hf_hub_download).parameters) - {"repo_id", "filename"}
     found: dict[str, Any] = {}
     for source in sources:
-        for key in HUB_KWARGS:
-            if source and source.get(key) is not None:
-                found[key] = source[key]
+        for key, value in (source or {}).items():
+            if key in names and value is not None:
+                found[key] = value
     return found
 
 
