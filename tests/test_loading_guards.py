@@ -202,6 +202,10 @@ def test_a_refused_load_adapter_leaves_the_model_as_it_was(base_dir, good_dir, t
     torch.testing.assert_close(_logits(base), plain, rtol=0, atol=0)
     base.load_adapter(str(good_dir))  # and the good adapter still loads afterwards
     assert any(isinstance(m, LisaAttention) for m in base.modules())
+    loaded = _logits(base)
+    with pytest.raises(ValueError, match="already exists"):  # transformers' refusal; the loaded adapter stays
+        base.load_adapter(str(broken))
+    torch.testing.assert_close(_logits(base), loaded, rtol=0, atol=0)
 
 
 def test_good_adapter_loads_identically_on_every_path_without_warnings(load, base_dir, good_dir):

@@ -101,10 +101,11 @@ def _transformers_load_hook(original: Callable) -> Callable:
             source = lisa_weights_file(model_id, **download)  # refuses adapter_model.bin
             state_dict = load_file(source)
             arguments["adapter_state_dict"] = state_dict  # transformers reads no file itself
+        existed = adapter_name in (getattr(self, "peft_config", None) or {})
         try:
             result = original(*bound.args, **bound.kwargs)
         except Exception:
-            if adapter_name in (getattr(self, "peft_config", None) or {}):
+            if not existed and adapter_name in (getattr(self, "peft_config", None) or {}):
                 _check_loaded(self, adapter_name, state_dict, source)  # ours names the cause, if it is one
             raise
         _check_loaded(self, adapter_name, state_dict, source)
