@@ -11,12 +11,16 @@ import lisa_peft
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _quick_start_code() -> str:
+def _section_code(title: str) -> str:
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Quick start", 1)[1]
+    section = readme.split(f"## {title}\n", 1)[1]
     match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, "README Quick start has no python block"
+    assert match, f"README {title} has no python block"
     return match.group(1)
+
+
+def _quick_start_code() -> str:
+    return _section_code("Quick start")
 
 
 def test_readme_quick_start_runs(tmp_path, monkeypatch, capsys):
@@ -27,6 +31,21 @@ def test_readme_quick_start_runs(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "runs/readme-adapter/adapter_model.safetensors").exists()
     assert namespace["out"].shape == (1, 24)
     assert type(namespace["reloaded"].peft_config["default"]).__name__ == "LisaConfig"
+
+
+def test_readme_lisa_with_lora_example_runs(tmp_path, monkeypatch):
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(_section_code("LiSA with LoRA"), "README.md", "exec"), namespace)
+    assert sorted(p.name for p in (tmp_path / "runs/lisa-lora").iterdir()) == ["README.md", "attn", "mlp"]
+    plain = namespace["plain"]
+    assert type(plain).__name__ == "LlamaForCausalLM"
+    assert not any(isinstance(m, BaseTunerLayer) for m in plain.modules())  # no LiSA or LoRA module left
+    with torch.no_grad():
+        torch.testing.assert_close(plain(namespace["ids"]).logits, namespace["base_logits"], rtol=0, atol=0)
 
 
 def test_readme_first_lines_give_two_commands():

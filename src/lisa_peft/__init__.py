@@ -22,12 +22,17 @@ torch.Size([1, 4, 128])
 
 from . import transformers_compat
 from .convert import convert
-from .hub import from_pretrained, push_adapter
+from .hub import from_pretrained, install_hub_hooks, push_adapter
+from .loading import install_loading_guards
+from .mixed import install_mixed_model_guard
 from .registration import register_lisa
 from .tuners.lisa import LisaAttention, LisaConfig, LisaModel
+from .version import __version__
 
 transformers_compat.check_transformers_version()
 register_lisa()
+install_hub_hooks()
+install_loading_guards()
+install_mixed_model_guard()
 
-__all__ = ["LisaAttention", "LisaConfig", "LisaModel", "convert", "from_pretrained", "push_adapter"]
-__version__ = "0.1.0"
+__all__ = ["LisaAttention", "LisaConfig", "LisaModel", "__version__", "convert", "from_pretrained", "push_adapter"]

@@ -97,8 +97,11 @@ def _resolve(peft_model_or_config: Any, adapter_name: str | None) -> tuple[Any, 
     if hasattr(peft_model_or_config, "peft_config"):
         model = peft_model_or_config
         configs = model.peft_config
-        name = adapter_name or ("default" if "default" in configs else model.active_adapter)
-        config = configs[name]
+        active = getattr(model, "active_adapters", None) or [model.active_adapter]
+        # With LoRA stacked on a LiSA model (README: LiSA with LoRA) the card describes the LiSA adapter.
+        candidates = [adapter_name] if adapter_name else ["default", *active, *configs]
+        lisa = [name for name in candidates if isinstance(configs.get(name), LisaConfig)]
+        config = configs[lisa[0] if lisa else (adapter_name or ("default" if "default" in configs else active[0]))]
     else:
         model, config = None, peft_model_or_config
     if not isinstance(config, LisaConfig):
@@ -250,10 +253,10 @@ def render_model_card(
     """
     import peft
 
-    from . import __version__
     from .memory import kv_cache_bytes, lisa_parameter_count
     from .tuners.lisa.config import base_model_shape
     from .tuners.lisa.model import default_rank
+    from .version import __version__
 
     config, model = _resolve(peft_model_or_config, adapter_name)
     if base_model_config is None:

@@ -45,6 +45,7 @@ __all__ = [
     "cache_kwargs",
     "check_transformers_version",
     "output_cache",
+    "peft_adapter_mixin",
     "pop_cache",
     "update_cache",
 ]
@@ -132,3 +133,11 @@ def update_cache(cache: Any, keys: torch.Tensor, values: torch.Tensor, layer_idx
 def attn_implementation(model: torch.nn.Module) -> str | None:
     """The attention implementation a model's config asks for ("eager", "sdpa", ...)."""
     return getattr(model.config, "_attn_implementation", None)
+
+
+def peft_adapter_mixin() -> type:
+    """transformers' `PeftAdapterMixin`, the class behind `model.load_adapter` / `add_adapter` of every
+    transformers model (lisa-peft wraps its `load_adapter` to check LiSA adapters)."""
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    return PeftAdapterMixin

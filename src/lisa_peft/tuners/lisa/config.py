@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from peft.config import PeftConfig
+from peft.utils import TaskType
 
-from ...registration import lisa_peft_type
+from .peft_type import lisa_peft_type
 
 SHARE_MODES = ("logits", "probs")
 INIT_MODES = ("calibrate", "identity", "random")
@@ -62,7 +63,7 @@ class LisaConfig(PeftConfig):
             path (the reference). In every mode the PyTorch path runs when a gradient is needed
             (training) and for masks the kernels cannot express (left padding, padded prefill);
             the kernels return no attention probabilities (None, as sdpa). Switch a loaded model
-            with `dispatch.set_kernel_mode(model, mode)`.
+            with `tuners.lisa.model.set_kernel_mode(model, mode)`.
         rotary_planes: Resolved at injection: for each LiSA layer (key = layer index as a
             string) the rotary plane indices kept per KV head, shape [G][r/2]. Set it only to
             reproduce an adapter exactly (loading does this from the saved config).
@@ -73,6 +74,9 @@ class LisaConfig(PeftConfig):
             Adapters saved before this field existed load without the check.
         layer_scores: Written by `lisa_peft.convert`: per-layer sensitivity numbers that decided
             `lisa_layers="auto"` (and calibration statistics).
+        task_type: PEFT's task type; LiSA adapters are causal-LM adapters, so `None` (also in configs saved
+            before this default existed) becomes `"CAUSAL_LM"`: `PeftModel.from_pretrained` returns a
+            `PeftModelForCausalLM`, as for a LoRA causal-LM adapter.
         target_modules: Resolved at injection: a regex naming the `self_attn` modules wrapped
             (LiSA layers and their anchors). Not meant to be set by hand.
     """
@@ -118,6 +122,8 @@ class LisaConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
+        if self.task_type is None:  # LiSA adapters are causal-LM adapters (also old configs saved with null)
+            self.task_type = TaskType.CAUSAL_LM
         super().__post_init__()
         self.peft_type = lisa_peft_type()
         self._validate()

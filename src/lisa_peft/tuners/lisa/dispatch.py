@@ -185,16 +185,3 @@ def _lengths(plan: KernelPlan, batch_size: int) -> torch.Tensor | None:
     if plan.lengths is None or plan.lengths.shape[0] == batch_size:
         return plan.lengths
     return plan.lengths.expand(batch_size).contiguous()
-
-
-def set_kernel_mode(model: torch.nn.Module, mode: str, adapter_name: str | None = None) -> None:
-    """Switch `LisaConfig.kernel` of a loaded LiSA model (its active adapter unless `adapter_name`)."""
-    from .layer import LisaAttention
-
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"kernel must be one of {KERNEL_MODES}, got {mode!r}.")
-    adapter_name = adapter_name or model.active_adapter
-    model.peft_config[adapter_name].kernel = mode
-    for module in model.modules():
-        if isinstance(module, LisaAttention) and adapter_name in module.lisa_roles:
-            module.lisa_kernel[adapter_name] = mode

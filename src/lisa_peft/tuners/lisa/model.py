@@ -10,7 +10,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from .config import LisaConfig, base_model_shape, base_shape_mismatch
+from .checkpoint import check_lisa_state_dict
+from .config import KERNEL_MODES, LisaConfig, base_model_shape, base_shape_mismatch
 from .layer import _MERGE_ERROR, ROLE_ANCHOR, ROLE_LISA, LisaAttention
 from .state import LisaForwardState
 
@@ -19,6 +20,12 @@ from .state import LisaForwardState
 SUPPORTED_MODEL_TYPES = ("llama",)
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn$")
 _HOOK_ATTR = "_lisa_state_hook"
+WEIGHTED_ADAPTER_ERROR = (
+    "add_weighted_adapter cannot combine LiSA adapters: a LiSA adapter is not a weight delta that can be scaled and "
+    "summed, but a replacement of the attention computation (head-alignment FFN over the previous layer's logits "
+    "plus low-rank rotary Q/K), and each adapter may replace different layers. Use one LiSA adapter at a time "
+    "(model.set_adapter(name)); to combine LiSA with LoRA adapters, load them side by side (README: LiSA with LoRA)."
+)
 
 
 def default_rank(head_dim: int) -> int:
@@ -67,6 +74,38 @@ def add_forward_state(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tup
     kwargs["lisa_state"] = LisaForwardState()
     return args, kwargs
 
+
+def set_kernel_mode(model: torch.nn.Module, mode: str, adapter_name: str | None = None) -> None:
+    """Switch `LisaConfig.kernel` of a loaded LiSA model (its active adapter unless `adapter_name`)."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernel must be one of {KERNEL_MODES}, got {mode!r}.")
+    adapter_name = adapter_name or model.active_adapter
+    model.peft_config[adapter_name].kernel = mode
+    for module in model.modules():
+        if isinstance(module, LisaAttention) and adapter_name in module.lisa_roles:
+            module.lisa_kernel[adapter_name] = mode
+
+
+
+def remove_lisa_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Take LiSA adapter `adapter_name` out of `model` (PeftModel or base model with injected adapters).
+
+    LiSA modules left without any adapter go back to their base attention module, and the forward-state
+    hook goes when no LiSA module is left: the model is then exactly what it was before the injection.
+    """
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, LisaAttention) or adapter_name not in module.lisa_roles:
+            continue
+        module.delete_adapter(adapter_name)
+        if not module.lisa_roles:
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child_name, module.get_base_layer())
+    if not any(isinstance(module, LisaAttention) for module in model.modules()):
+        stack = backbone(model)
+        handle = getattr(stack, _HOOK_ATTR, None)
+        if handle is not None:
+            handle.remove()
+            delattr(stack, _HOOK_ATTR)
 
 class LisaModel(BaseTuner):
     """Creates LiSA layers from a pre-trained LLaMA-architecture model (spec `LISA.md`).
@@ -232,8 +271,21 @@ class LisaModel(BaseTuner):
                     if adapter_name in container:
                         container[adapter_name].to(dtype)
 
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: LisaConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """PEFT's load hook (`set_peft_model_state_dict`): refuse a checkpoint with missing, misshapen,
+        non-float or non-finite LiSA tensors before any weight is copied (`checkpoint.check_lisa_state_dict`)."""
+        check_lisa_state_dict(model, adapter_name, state_dict)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
     def _check_merge_allowed(self) -> None:
         raise ValueError(_MERGE_ERROR)
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        """Not possible for LiSA (see `WEIGHTED_ADAPTER_ERROR`)."""
+        raise ValueError(WEIGHTED_ADAPTER_ERROR)
 
     def _unload_and_optionally_merge(self, merge: bool = True, **kwargs: Any) -> nn.Module:
         if merge:
