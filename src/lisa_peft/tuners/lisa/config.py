@@ -55,6 +55,9 @@ class LisaConfig(PeftConfig):
         lisa_dtype: dtype of the LiSA weights and their computation ("float32", "float16",
             "bfloat16"). `None` follows PEFT's rule: float32 LiSA weights on a float16/bfloat16
             base model (`autocast_adapter_dtype=True`, the default), else the base dtype.
+            Whatever it is, the KV cache holds the LiSA layers' low-rank keys and values in the base
+            model's dtype (the keys are rounded to it, also without a cache), so a half-precision
+            base gets a cache that really shrinks.
         kernel: Attention implementation of LiSA and anchor layers (`tuners/lisa/dispatch.py`).
             `"auto"`: the Triton kernels of `lisa_kernels` when the tensors are on CUDA and Triton is
             available, else the PyTorch path. `"triton"`: always the kernels (on CPU only under

@@ -281,8 +281,12 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         """LiSA attention; on the Triton kernels when dispatch.py says so (then the probabilities are None)."""
         q_r, k_r = self.lisa_projections(adapter, hidden_states, position_embeddings)
         v = self._project(self.base_layer.v_proj, hidden_states, self.num_kv_heads)
+        # The low-rank keys are stored at the base model's precision (V's dtype), whatever lisa_dtype is,
+        # and used at that precision with or without a cache, so cached decoding equals a full forward.
+        k_r = k_r.to(v.dtype)
         if cache is not None:
             k_r, v = compat.update_cache(cache, k_r, v, self.layer_idx)
+        k_r = k_r.to(q_r.dtype)
         prev = state.consume(self.layer_idx - 1)
         up, down = self.lisa_ffn_up[adapter], self.lisa_ffn_down[adapter]
         plan = kernel_plan(
