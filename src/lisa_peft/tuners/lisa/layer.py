@@ -49,7 +49,7 @@ class LisaAttention(nn.Module, BaseTunerLayer):
     """PEFT tuner layer around a LLaMA attention module (see module docstring)."""
 
     adapter_layer_names = ("lisa_q_proj", "lisa_k_proj", "lisa_ffn_up", "lisa_ffn_down")
-    other_param_names = ("lisa_rotary", "lisa_roles", "lisa_share", "lisa_kernel")
+    other_param_names = ("lisa_rotary", "lisa_roles", "lisa_share", "lisa_kernel", "lisa_prefill_chunk")
 
     def __init__(self, base_layer: nn.Module, layer_idx: int, **kwargs: Any) -> None:
         super().__init__()
@@ -67,6 +67,7 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         self.lisa_roles: dict[str, str] = {}
         self.lisa_share: dict[str, str] = {}
         self.lisa_kernel: dict[str, str] = {}  # LisaConfig.kernel per adapter (dispatch.py)
+        self.lisa_prefill_chunk: dict[str, int | None] = {}  # LisaConfig.prefill_chunk_size per adapter (chunked.py)
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -82,6 +83,7 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         self.lisa_roles[adapter_name] = role
         self.lisa_share[adapter_name] = config.share
         self.lisa_kernel[adapter_name] = config.kernel
+        self.lisa_prefill_chunk[adapter_name] = getattr(config, "prefill_chunk_size", None)
         if role == ROLE_LISA:
             if planes is None:
                 raise ValueError("A LiSA layer needs its rotary planes.")
