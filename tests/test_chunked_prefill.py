@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from peft import get_peft_model
 
+import lisa_kernels
 from lisa_peft import LisaConfig
 from lisa_peft.transformers_compat import cache_kwargs, output_cache
 from lisa_peft.tuners.lisa.chunked import set_prefill_chunk_size
+from lisa_peft.tuners.lisa.dispatch import set_kernel_mode
 from tests.conftest import VOCAB, tiny_llama
 
 CHUNK = 5
@@ -150,3 +154,32 @@ def test_no_chunking_with_grad_or_disabled_adapters(input_ids):
 def test_prefill_chunk_size_is_validated(bad):
     with pytest.raises(ValueError, match="prefill_chunk_size"):
         LisaConfig(lisa_layers=[2], prefill_chunk_size=bad)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton kernels on CPU need TRITON_INTERPRET=1")
+def test_chunks_on_the_triton_kernels_equal_the_pytorch_path(monkeypatch):
+    """Each chunk's queries are the last rows of a longer key set: the prefill kernels' causal offset."""
+    kernel_calls = {"lisa_prefill": 0, "anchor_attention": 0}
+    for name in kernel_calls:
+        original = getattr(lisa_kernels, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            kernel_calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(lisa_kernels, name, counted)
+    ids = _ids(batch=1, length=12)
+    model = get_peft_model(tiny_llama(2), LisaConfig(lisa_layers=[2, 3, 5], kernel="triton", prefill_chunk_size=5))
+    with torch.no_grad():
+        on_kernels = model.eval()(input_ids=ids).logits
+    assert kernel_calls["lisa_prefill"] == 3 * 3 and kernel_calls["anchor_attention"] == 2 * 3
+    set_kernel_mode(model, "torch")
+    torch.testing.assert_close(on_kernels, _unchunked(model, input_ids=ids).logits, **TOL)
+
+
+def test_unload_removes_the_chunking_forward():
+    base = tiny_llama(2)
+    model = get_peft_model(base, LisaConfig(lisa_layers=[2, 3]))
+    assert "forward" in base.model.__dict__
+    restored = model.unload()
+    assert "forward" not in restored.model.__dict__ and not restored.model._forward_pre_hooks
