@@ -72,8 +72,9 @@ class LisaConfig(PeftConfig):
             longer than the chunk (with `labels` and `use_cache=False` too: a temporary cache is
             built), and `generate` (transformers' `prefill_chunk_size`, set for LiSA models unless
             the call or the generation config sets it). `None` or 0: one pass. Training (grad mode
-            on) always runs in one pass. The default was chosen by measuring peak memory and time
-            on SmolLM2-135M (README).
+            on) always runs in one pass. The default, 256, was the fastest of 256/512/1024 at 2,048
+            and 4,096 tokens on SmolLM2-135M with similar peak memory
+            (`benchmarks/prefill_chunk_size.py`, README).
         rotary_planes: Resolved at injection: for each LiSA layer (key = layer index as a
             string) the rotary plane indices kept per KV head, shape [G][r/2]. Set it only to
             reproduce an adapter exactly (loading does this from the saved config).
@@ -116,7 +117,7 @@ class LisaConfig(PeftConfig):
         default="auto", metadata={"help": "Attention implementation of LiSA layers at inference."}
     )
     prefill_chunk_size: int | None = field(
-        default=512,
+        default=256,
         metadata={"help": "Query rows per chunk of a long prefill under no-grad (forward and generate); None/0: off."},
     )
     rotary_planes: dict[str, list[list[int]]] | None = field(
