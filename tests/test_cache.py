@@ -8,7 +8,7 @@ from peft import get_peft_model
 from transformers import DynamicCache, LlamaConfig
 
 from lisa_peft import LisaConfig
-from lisa_peft.memory import kv_cache_bytes, model_kv_cache_bytes
+from lisa_peft.memory import kv_cache_bytes, model_kv_cache_bytes, stored_cache_bytes
 from lisa_peft.transformers_compat import cache_kwargs, output_cache
 from tests.conftest import tiny_llama
 
@@ -93,3 +93,35 @@ def test_model_kv_cache_bytes_matches_a_real_cache(input_ids):
     with model.disable_adapter(), torch.no_grad():
         base_cache = output_cache(model(input_ids, use_cache=True))
     assert reported.base == sum(layer.keys.nbytes + layer.values.nbytes for layer in base_cache.layers)
+
+
+def test_half_precision_base_caches_lisa_keys_and_values_in_its_dtype(input_ids):
+    """bf16 base with fp32 LiSA weights (PEFT's default): the real cache holds bf16 only, and its bytes are
+    what model_kv_cache_bytes reports (bug: k_r was cached in fp32 and so was V, 1.125x the base's cache)."""
+    model = get_peft_model(tiny_llama(2).to(torch.bfloat16), LisaConfig(lisa_layers=[2, 3, 5])).eval()
+    assert {p.dtype for n, p in model.named_parameters() if "lisa_" in n} == {torch.float32}
+    with torch.no_grad():
+        cache = output_cache(model(input_ids, use_cache=True))
+        with model.disable_adapter():
+            base_cache = output_cache(model(input_ids, use_cache=True))
+    dtypes = {t.dtype for layer in cache.layers for t in (layer.keys, layer.values)}
+    assert dtypes == {t.dtype for layer in base_cache.layers for t in (layer.keys, layer.values)} == {torch.bfloat16}
+    stored, base_stored = stored_cache_bytes(cache), stored_cache_bytes(base_cache)
+    reported = model_kv_cache_bytes(model, batch_size=2, seq_len=12)
+    assert (stored, base_stored) == (reported.lisa, reported.base)
+    # per token and KV head: full layers K + V = 16 + 16, LiSA layers k_r + V = 4 + 16 (3 of 6 layers each)
+    assert stored / base_stored == pytest.approx((3 * 32 + 3 * 20) / (6 * 32))
+
+
+def test_half_precision_cached_decode_matches_full_forward(input_ids):
+    """The low-rank keys are rounded to the cache dtype with or without a cache, so decoding step by
+    step gives the full forward's logits up to bf16 summation order."""
+    model = get_peft_model(tiny_llama(2).to(torch.bfloat16), LisaConfig(lisa_layers=[2, 3, 5])).eval()
+    with torch.no_grad():
+        full = model(input_ids).logits.float()
+        out = model(input_ids[:, :6], use_cache=True)
+        steps, cache = [out.logits], output_cache(out)
+        for t in range(6, 12):
+            out = model(input_ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1).float(), full, atol=3e-2, rtol=3e-2)

@@ -1,4 +1,4 @@
-"""KV-cache and adapter size accounting (analytic, no model weights needed)."""
+"""KV-cache and adapter size accounting: analytic (no model weights needed) and of a real cache."""
 
 from __future__ import annotations
 
@@ -57,6 +57,25 @@ def kv_cache_bytes(
     return KVCacheBytes(base=base, lisa=lisa)
 
 
+def stored_cache_bytes(cache: Any) -> int:
+    """Bytes a transformers KV cache really holds: the sum over its layers of keys and values."""
+    total = 0
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.nbytes
+    return total
+
+
+def _base_cache_dtype(model: Any) -> torch.dtype:
+    """The dtype of the base model's attention values, which is what every cache entry is stored in."""
+    for module in model.get_base_model().modules():
+        v_proj = getattr(module, "v_proj", None)
+        if isinstance(v_proj, torch.nn.Linear):
+            return v_proj.weight.dtype
+    return next(model.parameters()).dtype
+
+
 def model_kv_cache_bytes(
     model: Any,
     batch_size: int = 1,
@@ -64,11 +83,15 @@ def model_kv_cache_bytes(
     dtype: torch.dtype | None = None,
     adapter_name: str | None = None,
 ) -> KVCacheBytes:
-    """`kv_cache_bytes` for a LiSA `PeftModel` (its active adapter unless `adapter_name` is given)."""
+    """`kv_cache_bytes` for a LiSA `PeftModel` (its active adapter unless `adapter_name` is given).
+
+    `dtype` defaults to the base model's attention dtype: LiSA layers store their low-rank keys and
+    the values in it whatever `lisa_dtype` is (tested against a real cache, `stored_cache_bytes`).
+    """
     adapter_name = adapter_name or model.active_adapter
     config = model.peft_config[adapter_name]
     base_config = model.get_base_model().config
-    dtype = dtype or next(model.parameters()).dtype
+    dtype = dtype or _base_cache_dtype(model)
     return kv_cache_bytes(base_config, config.lisa_layers, config.r, batch_size, seq_len, dtype)
 
 
@@ -85,4 +108,4 @@ def lisa_parameter_count(model_config: Any, lisa_layers: list[int], r: int | Non
     return len(set(lisa_layers)) * (proj + ffn)
 
 
-__all__ = ["KVCacheBytes", "kv_cache_bytes", "lisa_parameter_count", "model_kv_cache_bytes"]
+__all__ = ["KVCacheBytes", "kv_cache_bytes", "lisa_parameter_count", "model_kv_cache_bytes", "stored_cache_bytes"]

@@ -14,6 +14,7 @@ that silently never arrives.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import warnings
 from typing import Any
@@ -34,16 +35,21 @@ TRANSFORMERS_VERSION = Version(transformers.__version__)
 apply_rotary_pos_emb = modeling_llama.apply_rotary_pos_emb
 """RoPE of LLaMA: (q [B, H, T, D], k [B, G, T, D], cos, sin) -> rotated (q, k)."""
 
+SUPPORTS_PREFILL_CHUNKING: bool = hasattr(transformers.GenerationConfig(), "prefill_chunk_size")
+"""Whether `generate` takes `prefill_chunk_size` (prefill as chunks over a growing cache)."""
 __all__ = [
     "CACHE_KWARG",
     "DynamicCache",
     "DynamicLayer",
+    "SUPPORTS_PREFILL_CHUNKING",
     "TESTED_TRANSFORMERS_MAX",
     "TESTED_TRANSFORMERS_MIN",
     "apply_rotary_pos_emb",
     "attn_implementation",
     "cache_kwargs",
     "check_transformers_version",
+    "model_output",
+    "new_cache",
     "output_cache",
     "peft_adapter_mixin",
     "pop_cache",
@@ -111,6 +117,19 @@ def output_cache(outputs: Any) -> Any:
         if value is not None:
             return value
     return None
+
+
+def new_cache(model_config: Any) -> DynamicCache:
+    """An empty growing cache for a model, as its forward makes one when `use_cache=True` and none is passed."""
+    return DynamicCache(config=model_config)
+
+
+def model_output(output_cls: type, cache: Any, **fields: Any) -> Any:
+    """An instance of a model output class (`BaseModelOutputWithPast`, ...) with `fields` and the cache
+    under the field name this transformers uses (`cache` from 5.24, `past_key_values` before)."""
+    names = {field.name for field in dataclasses.fields(output_cls)}
+    name = CACHE_KWARG if CACHE_KWARG in names else _LEGACY_CACHE_KWARG
+    return output_cls(**fields, **{name: cache})
 
 
 def update_cache(cache: Any, keys: torch.Tensor, values: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, ...]:

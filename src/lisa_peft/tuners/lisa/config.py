@@ -56,6 +56,9 @@ class LisaConfig(PeftConfig):
         lisa_dtype: dtype of the LiSA weights and their computation ("float32", "float16",
             "bfloat16"). `None` follows PEFT's rule: float32 LiSA weights on a float16/bfloat16
             base model (`autocast_adapter_dtype=True`, the default), else the base dtype.
+            Whatever it is, the KV cache holds the LiSA layers' low-rank keys and values in the base
+            model's dtype (the keys are rounded to it, also without a cache), so a half-precision
+            base gets a cache that really shrinks.
         kernel: Attention implementation of LiSA and anchor layers (`tuners/lisa/dispatch.py`).
             `"auto"`: the Triton kernels of `lisa_kernels` when the tensors are on CUDA and Triton is
             available, else the PyTorch path. `"triton"`: always the kernels (on CPU only under
@@ -64,6 +67,15 @@ class LisaConfig(PeftConfig):
             (training) and for masks the kernels cannot express (left padding, padded prefill);
             the kernels return no attention probabilities (None, as sdpa). Switch a loaded model
             with `tuners.lisa.model.set_kernel_mode(model, mode)`.
+        prefill_chunk_size: Inference runs long inputs as chunks of this many query rows over a growing
+            KV cache (`tuners/lisa/chunked.py`), with the results of one pass and logit memory
+            O(B·H·chunk·T) instead of O(B·H·T²) per layer: `model(...)` under no-grad for inputs
+            longer than the chunk (with `labels` and `use_cache=False` too: a temporary cache is
+            built), and `generate` (transformers' `prefill_chunk_size`, set for LiSA models unless
+            the call or the generation config sets it). `None` or 0: one pass. Training (grad mode
+            on) always runs in one pass. The default, 256, was the fastest of 256/512/1024 at 2,048
+            and 4,096 tokens on SmolLM2-135M with similar peak memory
+            (`benchmarks/prefill_chunk_size.py`, README).
         rotary_planes: Resolved at injection: for each LiSA layer (key = layer index as a
             string) the rotary plane indices kept per KV head, shape [G][r/2]. Set it only to
             reproduce an adapter exactly (loading does this from the saved config).
@@ -107,6 +119,10 @@ class LisaConfig(PeftConfig):
     )
     kernel: Literal["auto", "triton", "torch"] = field(
         default="auto", metadata={"help": "Attention implementation of LiSA layers at inference."}
+    )
+    prefill_chunk_size: int | None = field(
+        default=256,
+        metadata={"help": "Query rows per chunk of a long prefill under no-grad (forward and generate); None/0: off."},
     )
     rotary_planes: dict[str, list[list[int]]] | None = field(
         default=None, metadata={"help": "Resolved per layer: rotary plane indices kept per KV head [G][r/2]."}
@@ -180,6 +196,14 @@ class LisaConfig(PeftConfig):
         _check_choice("share", self.share, SHARE_MODES)
         _check_choice("init_lisa_weights", self.init_lisa_weights, INIT_MODES)
         _check_choice("kernel", self.kernel, KERNEL_MODES)
+        if self.prefill_chunk_size is not None and (
+            isinstance(self.prefill_chunk_size, bool) or not isinstance(self.prefill_chunk_size, int)
+            or self.prefill_chunk_size < 0
+        ):
+            raise ValueError(
+                f"`prefill_chunk_size` must be None, 0 (both: no chunking) or a positive integer, got "
+                f"{self.prefill_chunk_size!r}."
+            )
         if self.lisa_dtype is not None:
             _check_choice("lisa_dtype", self.lisa_dtype, LISA_DTYPES)
 

@@ -49,7 +49,7 @@ class LisaAttention(nn.Module, BaseTunerLayer):
     """PEFT tuner layer around a LLaMA attention module (see module docstring)."""
 
     adapter_layer_names = ("lisa_q_proj", "lisa_k_proj", "lisa_ffn_up", "lisa_ffn_down")
-    other_param_names = ("lisa_rotary", "lisa_roles", "lisa_share", "lisa_kernel")
+    other_param_names = ("lisa_rotary", "lisa_roles", "lisa_share", "lisa_kernel", "lisa_prefill_chunk")
 
     def __init__(self, base_layer: nn.Module, layer_idx: int, **kwargs: Any) -> None:
         super().__init__()
@@ -67,6 +67,7 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         self.lisa_roles: dict[str, str] = {}
         self.lisa_share: dict[str, str] = {}
         self.lisa_kernel: dict[str, str] = {}  # LisaConfig.kernel per adapter (dispatch.py)
+        self.lisa_prefill_chunk: dict[str, int | None] = {}  # LisaConfig.prefill_chunk_size per adapter (chunked.py)
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -82,6 +83,7 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         self.lisa_roles[adapter_name] = role
         self.lisa_share[adapter_name] = config.share
         self.lisa_kernel[adapter_name] = config.kernel
+        self.lisa_prefill_chunk[adapter_name] = getattr(config, "prefill_chunk_size", None)
         if role == ROLE_LISA:
             if planes is None:
                 raise ValueError("A LiSA layer needs its rotary planes.")
@@ -281,8 +283,12 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         """LiSA attention; on the Triton kernels when dispatch.py says so (then the probabilities are None)."""
         q_r, k_r = self.lisa_projections(adapter, hidden_states, position_embeddings)
         v = self._project(self.base_layer.v_proj, hidden_states, self.num_kv_heads)
+        # The low-rank keys are stored at the base model's precision (V's dtype), whatever lisa_dtype is,
+        # and used at that precision with or without a cache, so cached decoding equals a full forward.
+        k_r = k_r.to(v.dtype)
         if cache is not None:
             k_r, v = compat.update_cache(cache, k_r, v, self.layer_idx)
+        k_r = k_r.to(q_r.dtype)
         prev = state.consume(self.layer_idx - 1)
         up, down = self.lisa_ffn_up[adapter], self.lisa_ffn_down[adapter]
         plan = kernel_plan(

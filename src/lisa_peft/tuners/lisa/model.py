@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import math
 import re
+import types
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from ... import transformers_compat as compat
+from . import chunked
 from .checkpoint import check_lisa_state_dict
 from .config import KERNEL_MODES, LisaConfig, base_model_shape, base_shape_mismatch
 from .layer import _MERGE_ERROR, ROLE_ANCHOR, ROLE_LISA, LisaAttention
@@ -238,6 +241,7 @@ class LisaModel(BaseTuner):
         if getattr(stack, _HOOK_ATTR, None) is None:
             handle = stack.register_forward_pre_hook(add_forward_state, with_kwargs=True)
             setattr(stack, _HOOK_ATTR, handle)
+            stack.forward = types.MethodType(chunked.chunked_stack_forward, stack)  # chunked prefill
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         setattr(parent, child_name, new_module)
@@ -247,6 +251,27 @@ class LisaModel(BaseTuner):
         for name, module in new_module.named_modules():
             if self.prefix in name and device.type != "meta":
                 module.to(device)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's `generate`, with transformers' chunked prefill at `prefill_chunk_size`.
+
+        Set only when LiSA layers are active, a cache is used (transformers refuses chunking without
+        one) and neither the call nor the generation config sets `prefill_chunk_size` itself. (Without
+        it the decoder stack would still chunk a long prefill itself, `chunked.py`.)
+        """
+        size = chunked.active_chunk_size(backbone(self.model))
+        generation_config = kwargs.get("generation_config") or getattr(self.model, "generation_config", None)
+        use_cache = kwargs.get("use_cache", getattr(generation_config, "use_cache", True))
+        if (
+            size
+            and compat.SUPPORTS_PREFILL_CHUNKING
+            and use_cache is not False
+            and "prefill_chunk_size" not in kwargs
+            and getattr(generation_config, "prefill_chunk_size", None) is None
+        ):
+            kwargs["prefill_chunk_size"] = size
+        return self.model.generate(*args, **kwargs)
 
     # ------------------------------------------------------------------ PEFT semantics
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
@@ -296,4 +321,5 @@ class LisaModel(BaseTuner):
         if handle is not None:
             handle.remove()
             delattr(stack, _HOOK_ATTR)
+            stack.__dict__.pop("forward", None)
         return model

@@ -14,6 +14,15 @@ slot only once per forward. This keeps gradient checkpointing correct:
   its consumer, reentrant backward runs layer by layer in reverse), it re-injects the
   gradient collected on that leaf into its own graph with `_InjectGrad`. The result is the same
   gradient as without checkpointing (tested).
+
+Inference releases logits early. A state created while grad mode is off (the decoder stack's
+forward under `torch.no_grad()` / `torch.inference_mode()`, as in `generate`) hands each layer's
+logits to its one reader and forgets them: `consume` removes the entry, and `publish` drops any
+older entry that nobody read (the last layer of a LiSA run). At most one layer's logits are then
+held by the state, besides the ones the running layer is computing. A state created with grad mode
+on keeps every entry until the forward ends: autograd holds them anyway, and both checkpointing
+modes re-read them on recompute (reentrant checkpointing runs its first forward under `no_grad`
+*inside* a grad-enabled stack forward, so the decision is taken once, when the state is made).
 """
 
 from __future__ import annotations
@@ -38,10 +47,16 @@ class _InjectGrad(torch.autograd.Function):
 class LisaForwardState:
     """Logits handed between layers during one forward pass of the decoder stack."""
 
-    def __init__(self) -> None:
+    def __init__(self, release_consumed: bool | None = None) -> None:
+        """release_consumed: forget logits once read (inference); None = `not torch.is_grad_enabled()`."""
+        self.release_consumed = not torch.is_grad_enabled() if release_consumed is None else release_consumed
         self._logits: dict[int, torch.Tensor] = {}
         self._made_with_grad: dict[int, bool] = {}
         self._bridges: dict[int, torch.Tensor] = {}
+
+    def live_logits(self) -> int:
+        """Number of logits tensors the state holds now."""
+        return len(self._logits)
 
     def publish(self, layer_idx: int, logits: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """Store layer `layer_idx`'s pre-mask logits [B, H, T, N]; returns `output` (maybe hooked).
@@ -50,6 +65,10 @@ class LisaForwardState:
         the gradient that the next layer collected for it is routed into `logits`' graph
         through `output` (which must lie on the layer's output path).
         """
+        if self.release_consumed:
+            self._logits.clear()  # whatever is left was never read: layers run in order
+            self._logits[layer_idx] = logits
+            return output
         if layer_idx not in self._logits:
             self._logits[layer_idx] = logits
             self._made_with_grad[layer_idx] = torch.is_grad_enabled()
@@ -60,13 +79,16 @@ class LisaForwardState:
         return output
 
     def consume(self, layer_idx: int) -> torch.Tensor:
-        """The pre-mask logits of layer `layer_idx`, for the LiSA layer right after it."""
+        """The pre-mask logits of layer `layer_idx`, for the LiSA layer right after it (forgotten
+        after this call when `release_consumed`)."""
         if layer_idx not in self._logits:
             raise RuntimeError(
                 f"LiSA needs the attention logits of layer {layer_idx}, but that layer did not produce them in "
                 "this forward pass. The decoder layers must run in order within one call of the model; calling "
                 "a LiSA layer on its own is not supported."
             )
+        if self.release_consumed:
+            return self._logits.pop(layer_idx)
         logits = self._logits[layer_idx]
         if torch.is_grad_enabled() and not self._made_with_grad[layer_idx] and not logits.requires_grad:
             # Reentrant-checkpoint recompute: collect the gradient w.r.t. these logits on a leaf.
