@@ -23,11 +23,22 @@ torch.Size([1, 4, 128])
 from . import transformers_compat
 from .convert import convert
 from .hub import from_pretrained, push_adapter
+from .models.lisa_llama import LisaLlamaConfig, LisaLlamaForCausalLM, register_lisa_llama
 from .registration import register_lisa
 from .tuners.lisa import LisaAttention, LisaConfig, LisaModel
 
 transformers_compat.check_transformers_version()
 register_lisa()
+register_lisa_llama()
 
-__all__ = ["LisaAttention", "LisaConfig", "LisaModel", "convert", "from_pretrained", "push_adapter"]
+__all__ = [
+    "LisaAttention",
+    "LisaConfig",
+    "LisaLlamaConfig",
+    "LisaLlamaForCausalLM",
+    "LisaModel",
+    "convert",
+    "from_pretrained",
+    "push_adapter",
+]
 __version__ = "0.1.0"
