@@ -276,3 +276,56 @@ def test_lm_eval_model_class_loads_the_compact_folder(tmp_path):
 
 def test_lisa_peft_exports_the_compact_classes():
     assert lisa_peft.LisaLlamaForCausalLM is LisaLlamaForCausalLM and lisa_peft.LisaLlamaConfig is LisaLlamaConfig
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+@pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1",
+                    reason="runs the kernels on CPU tensors under TRITON_INTERPRET=1")
+def test_compact_model_keeps_the_kernel_dispatch(monkeypatch, input_ids):
+    """kernel="triton" carries over: the compact model calls the same kernels as the PeftModel, same numbers."""
+    import lisa_kernels
+
+    calls: dict[str, int] = {}
+    for name in ("anchor_attention", "lisa_prefill", "lisa_decode"):
+        original = getattr(lisa_kernels, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(lisa_kernels, name, counted)
+    model = _trained(kernel="triton")
+    compact = model.merge_and_unload()
+    assert compact.config.lisa_kernel == "triton"
+    expected = _logits(model, input_ids)
+    peft_calls = dict(calls)
+    calls.clear()
+    torch.testing.assert_close(_logits(compact, input_ids), expected, atol=1e-5, rtol=1e-4)
+    assert calls == peft_calls == {"anchor_attention": 2, "lisa_prefill": 3}
+    with torch.no_grad():
+        tokens = compact.generate(input_ids, max_new_tokens=3, do_sample=False)
+        assert torch.equal(tokens, model.generate(input_ids, max_new_tokens=3, do_sample=False))
+    assert calls["lisa_decode"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- real model
+@pytest.mark.slow
+def test_smollm2_compact_model_is_smaller_and_equal(tmp_path):
+    """SmolLM2-135M, 12 of 30 layers LiSA: compact logits == PeftModel's; the saved folder is smaller."""
+    from lisa_peft.base_models import load_base_model
+
+    base, tokenizer = load_base_model()
+    base_bytes = parameter_bytes(base)
+    model = get_peft_model(base, LisaConfig(lisa_layers=list(range(18, 30)))).eval()
+    ids = tokenizer(["The quick brown fox jumps over the lazy dog."], return_tensors="pt").input_ids
+    expected = _logits(model, ids)
+    compact = model.merge_and_unload()
+    torch.testing.assert_close(_logits(compact, ids), expected, atol=1e-5, rtol=0)
+    sizes = compact_sizes(compact)
+    assert sizes.base == base_bytes and sizes.compact < base_bytes and sizes.r == 12
+    compact.save_pretrained(tmp_path, tokenizer=tokenizer)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(_logits(loaded, ids), expected, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert torch.equal(loaded.generate(ids, max_new_tokens=8, do_sample=False),
+                           model.generate(ids, max_new_tokens=8, do_sample=False))
