@@ -78,6 +78,17 @@ def select_rotary_for(
     return cos_r.to(dtype), sin_r.to(dtype)
 
 
+def explicit_mask(
+    attention_mask: torch.Tensor | None, cache: Any, layer_idx: int, num_queries: int, num_keys: int
+) -> torch.Tensor | None:
+    """The mask to use after the cache update: `attention_mask`, or for a static cache layer without one the
+    causal mask over its filled slots (`None` means "queries are the last T of N keys", which a pre-allocated
+    cache of N = max_cache_len slots breaks; transformers passes None when sdpa's `is_causal` would do)."""
+    if attention_mask is not None or not compat.is_static_layer(cache, layer_idx):
+        return attention_mask
+    return compat.static_cache_mask(cache, layer_idx, num_queries, num_keys, cache.layers[layer_idx].keys.device)
+
+
 def anchor_attention(
     w: AnchorWeights,
     hidden_states: torch.Tensor,
@@ -97,6 +108,7 @@ def anchor_attention(
     q, k = compat.apply_rotary_pos_emb(q, k, cos, sin)
     if cache is not None:
         k, v = compat.update_cache(cache, k, v, w.layer_idx)
+        attention_mask = explicit_mask(attention_mask, cache, w.layer_idx, q.shape[2], k.shape[2])
     plan = kernel_plan(w.kernel, attention_mask, (q, k, v), q.shape[2], k.shape[2], state)
     if plan is not None:
         out, logits = anchor_kernel(q, k, v, w.scaling, plan)
@@ -150,6 +162,7 @@ def lisa_attention(
     v = project(w.v_proj, hidden_states, w.num_kv_heads)
     if cache is not None:
         k_r, v = compat.update_cache(cache, k_r, v, w.layer_idx)
+        attention_mask = explicit_mask(attention_mask, cache, w.layer_idx, q_r.shape[2], k_r.shape[2])
     prev = state.consume(w.layer_idx - 1)
     up, down = w.ffn_up, w.ffn_down
     plan = kernel_plan(
@@ -171,6 +184,7 @@ __all__ = [
     "LisaWeights",
     "anchor_attention",
     "attention_output",
+    "explicit_mask",
     "head_ffn",
     "lisa_attention",
     "lisa_logits",
