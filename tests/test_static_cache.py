@@ -91,3 +91,53 @@ def test_static_decode_runs_on_the_kernels_with_lengths(monkeypatch, input_ids):
     assert torch.equal(static, dynamic)
     # the first decode step sees 13 filled slots of the pre-allocated cache, the rest masked as unwritten
     assert lengths_seen[0] is not None and lengths_seen[0].tolist() == [13, 13]
+
+
+# ---------------------------------------------------------------------------------------------- torch.compile
+def _compile_config():
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, backend="eager", mode=None, dynamic=False)  # fullgraph: a break raises
+    config._compile_all_devices = True  # transformers compiles on GPUs only by default
+    return config
+
+
+@pytest.mark.parametrize("compact", [False, True], ids=["peft", "compact"])
+def test_compiled_static_generate_gives_the_dynamic_tokens(input_ids, compact):
+    """transformers' own route: static cache + compiled decode step (fullgraph=True: no graph break)."""
+    model = _model(2, compact)
+    target = model if compact else model.get_base_model()
+    with torch.no_grad():
+        dynamic = model.generate(input_ids, max_new_tokens=5, do_sample=False)
+        static = model.generate(input_ids, max_new_tokens=5, do_sample=False, cache_implementation="static",
+                                compile_config=_compile_config())
+    assert hasattr(target, "_compiled_call")  # the decode steps ran compiled
+    assert torch.equal(static, dynamic)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "torch", "triton"])
+def test_compiled_decode_step_has_no_graph_break(monkeypatch, input_ids, kernel):
+    """One decode step under torch.compile(fullgraph=True) equals the eager step; the kernels stay out of the graph."""
+    import lisa_kernels
+
+    if kernel == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("kernel='triton' on CPU tensors needs TRITON_INTERPRET=1")
+    for name in ("anchor_attention", "lisa_prefill", "lisa_decode"):
+        original = getattr(lisa_kernels, name)
+
+        def no_kernel_while_compiling(*args, _original=original, **kwargs):
+            assert not torch.compiler.is_compiling(), "a Triton kernel was traced by torch.compile"
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(lisa_kernels, name, no_kernel_while_compiling)
+    model = _model(2, compact=True, kernel=kernel)
+    caches = [StaticCache(config=model.config, max_cache_len=16) for _ in range(2)]
+    step_kwargs = dict(use_cache=True, position_ids=torch.full((2, 1), 12))
+    with torch.no_grad():
+        for cache in caches:
+            out = model(input_ids, use_cache=True, **cache_kwargs(cache))
+        token = out.logits[:, -1:].argmax(-1)
+        eager = model(token, **cache_kwargs(caches[0]), **step_kwargs).logits
+        compiled = torch.compile(model.__call__, backend="eager", fullgraph=True)
+        got = compiled(input_ids=token, **cache_kwargs(caches[1]), **step_kwargs).logits
+    torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-4)
