@@ -12,6 +12,7 @@ compact form, and the Q/K compression factor head_dim / r of the LiSA layers.
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -145,7 +146,7 @@ def merge_lisa_adapter(
     for name, tensor in tensors.items():
         _assign(compact, name, tensor)
     compact.tie_weights()
-    compact.generation_config = model.generation_config
+    compact.generation_config = copy.deepcopy(model.generation_config)
     return compact.eval()
 
 
