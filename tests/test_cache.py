@@ -65,13 +65,6 @@ def test_left_padded_batch_generates_like_single_sequences(kv_heads):
     assert torch.equal(together[1, 7:], alone_short[0, 4:])
 
 
-def test_static_cache_is_refused_with_a_clear_message(input_ids):
-    model = _lisa_model(2)
-    with pytest.raises(ValueError, match="Pre-allocated caches \\(StaticCache and friends\\) are not supported"):
-        with torch.no_grad():
-            model.generate(input_ids, max_new_tokens=2, do_sample=False, cache_implementation="static")
-
-
 def test_kv_cache_bytes_formula():
     config = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, num_hidden_layers=32)
     lisa = list(range(8, 28))  # 20 of 32 layers

@@ -96,5 +96,7 @@ def test_demo_end_to_end_with_push_to_the_local_hub(hub_server, tmp_path):
     assert all(torch.isfinite(torch.tensor(summary[k])) for k in ("base_ppl", "lisa_ppl_trained"))
     assert summary["generation"].startswith("The most important idea in programming is")
     assert summary["generation_check"].startswith("cached == uncached == full-forward argmax")
+    assert summary["compact_identical"] and summary["compact_param_bytes"] < summary["base_param_bytes"]
+    assert (Path(summary["compact_dir"]) / "model.safetensors").is_file()
     readme = hub_server.read_file(repo, "README.md").decode()
     assert "LiSA layer map" in readme and "import lisa_peft" in readme

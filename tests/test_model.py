@@ -121,10 +121,10 @@ def test_unload_restores_the_original_modules(input_ids):
     assert torch.equal(_logits(restored, input_ids), reference)
 
 
-def test_merge_and_unload_explains_why_it_cannot_merge():
+def test_merge_adapter_explains_why_it_cannot_merge_in_place():
     model = get_peft_model(tiny_llama(2), LisaConfig(lisa_layers=[3]))
-    with pytest.raises(ValueError, match="cannot be merged into the base weights"):
-        model.merge_and_unload()
+    with pytest.raises(ValueError, match=r"cannot be merged into the base weights.*merge_and_unload\(\) returns"):
+        model.merge_adapter()  # merge_and_unload() builds the compact model instead (tests/test_compact.py)
 
 
 def test_several_named_adapters(input_ids):

@@ -48,6 +48,23 @@ def test_readme_lisa_with_lora_example_runs(tmp_path, monkeypatch):
         torch.testing.assert_close(plain(namespace["ids"]).logits, namespace["base_logits"], rtol=0, atol=0)
 
 
+def test_readme_compact_path_runs(tmp_path, monkeypatch):
+    """The three-line compact path (merge, save, load), continuing the Quick start, gives the PeftModel's logits."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    section = (ROOT / "README.md").read_text().split("## Deploying: the compact model", 1)[1]
+    compact_code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert len(compact_code.strip().splitlines()) == 3
+    namespace: dict = {}
+    exec(compile(_quick_start_code(), "README.md", "exec"), namespace)
+    exec(compile(compact_code, "README.md", "exec"), namespace)
+    assert type(namespace["loaded"]).__name__ == "LisaLlamaForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(namespace["loaded"](namespace["ids"]).logits,
+                                   namespace["model"](namespace["ids"]).logits, atol=1e-5, rtol=0)
+
+
 def test_readme_first_lines_give_two_commands():
     lines = (ROOT / "README.md").read_text().splitlines()
     assert lines[0] == "# lisa-peft"

@@ -25,6 +25,7 @@ from .convert import convert
 from .hub import from_pretrained, install_hub_hooks, push_adapter
 from .loading import install_loading_guards
 from .mixed import install_mixed_model_guard
+from .models.lisa_llama import LisaLlamaConfig, LisaLlamaForCausalLM, register_lisa_llama
 from .registration import register_lisa
 from .tuners.lisa import LisaAttention, LisaConfig, LisaModel
 from .version import __version__
@@ -34,5 +35,16 @@ register_lisa()
 install_hub_hooks()
 install_loading_guards()
 install_mixed_model_guard()
+register_lisa_llama()
 
-__all__ = ["LisaAttention", "LisaConfig", "LisaModel", "__version__", "convert", "from_pretrained", "push_adapter"]
+__all__ = [
+    "LisaAttention",
+    "LisaConfig",
+    "LisaLlamaConfig",
+    "LisaLlamaForCausalLM",
+    "LisaModel",
+    "__version__",
+    "convert",
+    "from_pretrained",
+    "push_adapter",
+]

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
+from .compact import compact_sizes
 from .generation_check import verify_cached_generation
 from .memory import model_kv_cache_bytes
 from .recipe import load_recipe, run_recipe
@@ -67,6 +68,13 @@ def summary_table(summary: dict[str, Any]) -> str:
         ),
         ("reloaded adapter gives identical logits", "yes" if summary["reload_identical"] else "NO"),
         ("cached generation check", summary.get("generation_check", "-")),
+        (
+            "compact model (merge_and_unload) vs base: parameter bytes",
+            f"{_human_bytes(summary['compact_param_bytes'])} vs {_human_bytes(summary['base_param_bytes'])} "
+            f"({100 * summary['compact_param_bytes'] / summary['base_param_bytes']:.1f}%), saved to "
+            f"{summary['compact_dir']} ({_human_bytes(summary['compact_file_bytes'])} model.safetensors)",
+        ),
+        ("compact model gives the adapter's logits", "yes" if summary["compact_identical"] else "NO"),
         ("wall time", f"{summary['wall_seconds'] / 60:.1f} min"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -121,5 +129,15 @@ def run_demo(
         f"{max(check.max_logit_diff_cached_vs_full, check.max_logit_diff_cached_vs_uncached):.1e}"
         + (f" (near-tie at step {check.tie_flip_step})" if check.tie_flip_step is not None else "")
     )
+    # The deployable form: the compact model (no base Q/K in LiSA layers), saved next to the adapter.
+    compact = reloaded.merge_and_unload()
+    compact_dir = adapter_dir.parent / "compact"
+    compact.save_pretrained(compact_dir, tokenizer=tokenizer)
+    sizes = compact_sizes(compact)
+    with torch.no_grad():
+        summary["compact_identical"] = bool(torch.equal(compact(probe).logits, reloaded(probe).logits))
+    summary["compact_dir"] = str(compact_dir)
+    summary["base_param_bytes"], summary["compact_param_bytes"] = sizes.base, sizes.compact
+    summary["compact_file_bytes"] = (compact_dir / "model.safetensors").stat().st_size
     summary["wall_seconds"] = time.monotonic() - start
     return summary

@@ -35,7 +35,11 @@ class HFLisaLM(HFLM):
 
     @property
     def lisa_layers(self) -> list[int]:
-        """Decoder layers whose attention the loaded LiSA adapter replaces ([] without a LiSA adapter)."""
+        """Decoder layers whose attention LiSA replaces: of the loaded LiSA adapter, or of a compact LiSA model
+        (model_type "lisa_llama", `pretrained=` a folder saved from `merge_and_unload()`); [] otherwise."""
+        config = getattr(self.model, "config", None)
+        if getattr(config, "model_type", None) == "lisa_llama":
+            return list(config.lisa_layers)
         return lisa_layer_indices(self.model)
 
     def get_model_info(self) -> dict:
@@ -49,6 +53,7 @@ class HFLisaLM(HFLM):
         }
         if self.peft:
             info["peft_sha"] = _hub_sha(self.peft, self.revision)
+        if self.lisa_layers:
             info["lisa_layers"] = self.lisa_layers
         return info
 

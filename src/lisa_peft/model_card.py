@@ -59,19 +59,19 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------- template
-def template_path() -> Path:
-    """The card template: shipped inside the package if packaged there, else `<repo>/model_cards/`."""
+def template_path(name: str = TEMPLATE_NAME) -> Path:
+    """A card template (default: the adapter card): shipped inside the package, else `<repo>/model_cards/`."""
     candidates = []
     try:
-        candidates.append(Path(str(importlib.resources.files("lisa_peft") / "model_cards" / TEMPLATE_NAME)))
+        candidates.append(Path(str(importlib.resources.files("lisa_peft") / "model_cards" / name)))
     except (ModuleNotFoundError, TypeError):  # pragma: no cover - unusual loaders
         pass
-    candidates.append(Path(__file__).resolve().parents[2] / "model_cards" / TEMPLATE_NAME)
+    candidates.append(Path(__file__).resolve().parents[2] / "model_cards" / name)
     for path in candidates:
         if path.is_file():
             return path
     raise FileNotFoundError(
-        f"The LiSA model card template {TEMPLATE_NAME} was not found (looked in: "
+        f"The LiSA model card template {name} was not found (looked in: "
         f"{', '.join(map(str, candidates))}). Reinstall lisa-peft from its source tree (pip install -e .)."
     )
 

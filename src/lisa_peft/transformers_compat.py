@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import transformers
 from packaging.version import Version
-from transformers.cache_utils import DynamicCache, DynamicLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, StaticLayer
 from transformers.models.llama import modeling_llama
 
 # The transformers releases that CI runs the suite on (locked) and its fast subset on (oldest and
@@ -42,6 +42,8 @@ __all__ = [
     "DynamicCache",
     "DynamicLayer",
     "SUPPORTS_PREFILL_CHUNKING",
+    "SUPPORTED_CACHE_LAYERS",
+    "StaticLayer",
     "TESTED_TRANSFORMERS_MAX",
     "TESTED_TRANSFORMERS_MIN",
     "apply_rotary_pos_emb",
@@ -50,9 +52,11 @@ __all__ = [
     "check_transformers_version",
     "model_output",
     "new_cache",
+    "is_static_layer",
     "output_cache",
     "peft_adapter_mixin",
     "pop_cache",
+    "static_cache_mask",
     "update_cache",
 ]
 
@@ -75,6 +79,9 @@ CACHE_KWARG: str = _attention_cache_kwarg()
 """`"cache"` (transformers >= 5.24) or `"past_key_values"` (older): the cache argument of attention
 modules, decoder layers and model forwards."""
 _LEGACY_CACHE_KWARG = "past_key_values" if CACHE_KWARG == "cache" else "cache"
+
+SUPPORTED_CACHE_LAYERS: tuple[type, ...] = (DynamicLayer, StaticLayer)
+"""Cache layer types LiSA and anchor layers write to (exact types: subclasses change the layout)."""
 
 
 def check_transformers_version(version: Version = TRANSFORMERS_VERSION) -> bool:
@@ -135,18 +142,39 @@ def model_output(output_cls: type, cache: Any, **fields: Any) -> Any:
 def update_cache(cache: Any, keys: torch.Tensor, values: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, ...]:
     """Append keys [B, G, T, r or D] and values [B, G, T, D] to layer `layer_idx` of a transformers cache.
 
-    Returns all cached keys/values of that layer, new ones included. Only growing cache layers
-    (`DynamicLayer`) are supported: pre-allocated layers pad keys to a fixed length, and LiSA's
-    explicit masks assume that all N cached positions are real tokens.
+    Returns all cached keys/values of that layer, new ones included: N = the tokens so far for a growing
+    layer (`DynamicLayer`), N = `max_cache_len` for a pre-allocated one (`StaticLayer`, whose buffers take
+    their last dimension from the first update, so LiSA's r-wide keys fit as they are); positions not yet
+    written are zeros there and the attention mask must hide them (`static_cache_mask`). Other layer types
+    (quantized, sliding-window) are refused.
     """
     layers = getattr(cache, "layers", None)
-    if layers is not None and layer_idx < len(layers) and type(layers[layer_idx]) is not DynamicLayer:
+    if layers is not None and layer_idx < len(layers) and type(layers[layer_idx]) not in SUPPORTED_CACHE_LAYERS:
         raise ValueError(
-            f"The KV cache of layer {layer_idx} is a {type(layers[layer_idx]).__name__}. Pre-allocated caches "
-            "(StaticCache and friends) are not supported by LiSA and anchor layers: use the default DynamicCache "
-            "(do not pass cache_implementation='static' to generate)."
+            f"The KV cache of layer {layer_idx} is a {type(layers[layer_idx]).__name__}. LiSA and anchor layers "
+            "support DynamicCache (the default) and StaticCache (cache_implementation='static') only."
         )
     return cache.update(keys, values, layer_idx)
+
+
+def is_static_layer(cache: Any, layer_idx: int) -> bool:
+    """True if layer `layer_idx` of `cache` is pre-allocated (`StaticLayer`: keys padded to max_cache_len)."""
+    layers = getattr(cache, "layers", None)
+    return layers is not None and layer_idx < len(layers) and isinstance(layers[layer_idx], StaticLayer)
+
+
+def static_cache_mask(cache: Any, layer_idx: int, num_queries: int, num_keys: int,
+                      device: torch.device) -> torch.Tensor:
+    """Boolean causal mask [1, 1, T, N] (True = attend) for a `StaticLayer` after its update.
+
+    The T new tokens sit at positions L - T .. L - 1 of the N = max_cache_len slots, L being the layer's
+    filled length; the slots from L on are not written yet. transformers passes `attention_mask=None`
+    when sdpa's own `is_causal` covers those cases, but LiSA's explicit masks need the positions.
+    """
+    filled = cache.layers[layer_idx].get_seq_length()
+    filled = filled.to(device) if isinstance(filled, torch.Tensor) else torch.tensor(filled, device=device)
+    query_pos = filled - num_queries + torch.arange(num_queries, device=device)
+    return (torch.arange(num_keys, device=device)[None, :] <= query_pos[:, None])[None, None]
 
 
 def attn_implementation(model: torch.nn.Module) -> str | None:

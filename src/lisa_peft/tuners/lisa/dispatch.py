@@ -15,7 +15,9 @@ The kernels are for inference. Whatever the mode, the PyTorch path runs when
    `torch.no_grad()` / `torch.inference_mode()` while LiSA weights are trainable (`generate` runs
    under `no_grad`). The kernels have no backward pass; the first forward of reentrant gradient
    checkpointing runs under `no_grad` and may use them, its recompute uses the PyTorch path;
-2. the attention mask is one the kernels cannot express (`kernel_plan`).
+2. the attention mask is one the kernels cannot express (`kernel_plan`);
+3. the forward is being traced by `torch.compile` (a compiled static-cache decode step): the mask plan
+   reads tensor values, which would break the graph, so compiled code runs the PyTorch path in full.
 
 Masks that run on the kernels (the T queries are the last T of the N keys, as in a KV cache):
 
@@ -71,7 +73,7 @@ def kernel_plan(
     """
     if mode not in KERNEL_MODES:
         raise ValueError(f"kernel must be one of {KERNEL_MODES}, got {mode!r}.")
-    if mode == "torch":
+    if mode == "torch" or torch.compiler.is_compiling():
         return None
     tensors = [t for t in tensors if t is not None]
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):

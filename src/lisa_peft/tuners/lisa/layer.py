@@ -23,8 +23,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from ... import transformers_compat as compat
+from . import attention as LA
 from . import functional as LF
-from .dispatch import anchor_kernel, kernel_plan, lisa_kernel
 from .state import LisaForwardState
 
 ROLE_LISA = "lisa"
@@ -230,107 +230,60 @@ class LisaAttention(nn.Module, BaseTunerLayer):
                 result = out
         return result
 
-    def _project(self, proj: nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
-        """[B, T, d] -> [B, heads, T, e]."""
-        out = proj(x.to(proj.weight.dtype))
-        return out.view(*x.shape[:2], heads, -1).transpose(1, 2)
+    def anchor_weights(self, adapter: str) -> LA.AnchorWeights:
+        """This layer as an anchor of `adapter`: the base Q/K/V/O (see `attention.py`)."""
+        base = self.base_layer
+        return LA.AnchorWeights(
+            base.q_proj, base.k_proj, base.v_proj, base.o_proj, self.num_heads, self.num_kv_heads, base.scaling,
+            self.layer_idx, self.lisa_kernel[adapter],
+        )
+
+    def lisa_weights(self, adapter: str) -> LA.LisaWeights:
+        """This layer as a LiSA layer of `adapter`: its low-rank Q/K and head FFN, the base V and O."""
+        base = self.base_layer
+        return LA.LisaWeights(
+            self.lisa_q_proj[adapter], self.lisa_k_proj[adapter], self.lisa_ffn_up[adapter],
+            self.lisa_ffn_down[adapter], base.v_proj, base.o_proj, self.lisa_rotary[adapter].index, self.num_heads,
+            self.num_kv_heads, base.scaling, self.layer_idx, self.lisa_share[adapter], self.lisa_kernel[adapter],
+        )
 
     def _anchor_forward(self, adapter, hidden_states, position_embeddings, attention_mask, cache, state):
-        """Full attention that publishes its pre-mask logits; on the Triton kernel when dispatch.py says so
-        (then the returned attention probabilities are None, as with sdpa)."""
-        base = self.base_layer
-        q = self._project(base.q_proj, hidden_states, self.num_heads)
-        k = self._project(base.k_proj, hidden_states, self.num_kv_heads)
-        v = self._project(base.v_proj, hidden_states, self.num_kv_heads)
-        cos, sin = position_embeddings
-        q, k = compat.apply_rotary_pos_emb(q, k, cos, sin)
-        if cache is not None:
-            k, v = compat.update_cache(cache, k, v, self.layer_idx)
-        plan = kernel_plan(self.lisa_kernel[adapter], attention_mask, (q, k, v), q.shape[2], k.shape[2], state)
-        if plan is not None:
-            out, logits = anchor_kernel(q, k, v, base.scaling, plan)
-            probs = None
-        else:
-            logits = LF.grouped_scores(q, k, base.scaling)
-            mask = LF.additive_mask(attention_mask, q.shape[2], k.shape[2], logits.dtype, logits.device)
-            probs = LF.masked_softmax(logits, mask, v.dtype)
-            out = LF.grouped_values(probs, v)
-        out = state.publish(self.layer_idx, logits, out)
-        return self._output(out), probs
+        """Full attention that publishes its pre-mask logits (`attention.anchor_attention`)."""
+        return LA.anchor_attention(
+            self.anchor_weights(adapter), hidden_states, position_embeddings, attention_mask, cache, state
+        )
 
     def lisa_projections(
         self, adapter: str, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary-embedded low-rank queries [B, H, T, r] and keys [B, G, T, r] of `adapter`."""
-        q_r = self._project(self.lisa_q_proj[adapter], hidden_states, self.num_heads)
-        k_r = self._project(self.lisa_k_proj[adapter], hidden_states, self.num_kv_heads)
-        cos_r, sin_r = select_rotary_for(position_embeddings, self.lisa_rotary[adapter].index, q_r.dtype)
-        g = self.num_heads // self.num_kv_heads
-        q_r = LF.apply_rotary(q_r, cos_r.repeat_interleave(g, dim=1), sin_r.repeat_interleave(g, dim=1))
-        return q_r, LF.apply_rotary(k_r, cos_r, sin_r)
+        return LA.lisa_projections(self.lisa_weights(adapter), hidden_states, position_embeddings)
 
     def lisa_logits(
         self, adapter: str, q_r: torch.Tensor, k_r: torch.Tensor, prev_logits: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """This layer's pre-mask logits [B, H, T, N] from the previous layer's [B, H, T, N]."""
-        prev = prev_logits.to(q_r.dtype)
-        delta = LF.grouped_scores(q_r, k_r, self.base_layer.scaling)
-        share = self.lisa_share[adapter]
-        ffn_in = prev if share == "logits" else LF.masked_softmax(prev, mask, q_r.dtype)
-        return LF.combine_scores(self.head_ffn(adapter, ffn_in), delta, share)
+        return LA.lisa_logits(self.lisa_weights(adapter), q_r, k_r, prev_logits, mask)
 
     def _lisa_forward(self, adapter, hidden_states, position_embeddings, attention_mask, cache, state):
-        """LiSA attention; on the Triton kernels when dispatch.py says so (then the probabilities are None)."""
-        q_r, k_r = self.lisa_projections(adapter, hidden_states, position_embeddings)
-        v = self._project(self.base_layer.v_proj, hidden_states, self.num_kv_heads)
-        # The low-rank keys are stored at the base model's precision (V's dtype), whatever lisa_dtype is,
-        # and used at that precision with or without a cache, so cached decoding equals a full forward.
-        k_r = k_r.to(v.dtype)
-        if cache is not None:
-            k_r, v = compat.update_cache(cache, k_r, v, self.layer_idx)
-        k_r = k_r.to(q_r.dtype)
-        prev = state.consume(self.layer_idx - 1)
-        up, down = self.lisa_ffn_up[adapter], self.lisa_ffn_down[adapter]
-        plan = kernel_plan(
-            self.lisa_kernel[adapter], attention_mask, (prev, q_r, k_r, v, up.weight, up.bias, down.weight, down.bias),
-            q_r.shape[2], k_r.shape[2], state,
+        """LiSA attention (`attention.lisa_attention`); on the Triton kernels when dispatch.py says so."""
+        return LA.lisa_attention(
+            self.lisa_weights(adapter), hidden_states, position_embeddings, attention_mask, cache, state
         )
-        if plan is not None:
-            out, logits = lisa_kernel(prev, q_r, k_r, v, up, down, self.base_layer.scaling, self.lisa_share[adapter],
-                                      plan)
-            return self._output(state.publish(self.layer_idx, logits, out)), None
-        mask = LF.additive_mask(attention_mask, q_r.shape[2], k_r.shape[2], q_r.dtype, q_r.device)
-        logits = self.lisa_logits(adapter, q_r, k_r, prev, mask)
-        probs = LF.masked_softmax(logits, mask, v.dtype)
-        out = state.publish(self.layer_idx, logits, LF.grouped_values(probs, v))
-        return self._output(out), probs
 
     def head_ffn(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         """The head-alignment FFN of `adapter` on [B, H, T, N] logits or probabilities."""
         up, down = self.lisa_ffn_up[adapter], self.lisa_ffn_down[adapter]
         return LF.head_ffn(x, up.weight, up.bias, down.weight, down.bias)
 
-    def _output(self, out: torch.Tensor) -> torch.Tensor:
-        """[B, H, T, D] -> o_proj -> [B, T, d]."""
-        b, h, t, d = out.shape
-        out = out.transpose(1, 2).reshape(b, t, h * d)
-        return self.base_layer.o_proj(out.to(self.base_layer.o_proj.weight.dtype))
-
     def __repr__(self) -> str:
         return "lisa." + super().__repr__()
-
-
-def select_rotary_for(
-    position_embeddings: tuple[torch.Tensor, torch.Tensor], index: torch.Tensor, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of the kept planes, [B, G, T, r], in `dtype`."""
-    cos_r, sin_r = LF.select_rotary(position_embeddings, index)
-    return cos_r.to(dtype), sin_r.to(dtype)
 
 
 _MERGE_ERROR = (
     "LiSA adapters cannot be merged into the base weights: a LiSA layer computes its attention scores from the "
     "previous layer's logits (head-alignment FFN) plus a low-rank rotary score, which is a different computation "
-    "graph, not a weight delta. Keep the PeftModel (or save the adapter and load it with PeftModel.from_pretrained); "
-    "use unload() to get the original base model back."
+    "graph, not a weight delta, so merge_adapter()/unmerge_adapter() cannot switch it in place. merge_and_unload() "
+    "returns the compact LiSA model instead (a transformers model without the unused base Q/K of LiSA layers); "
+    "unload() gives the original base model back."
 )

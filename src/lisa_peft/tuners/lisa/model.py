@@ -305,6 +305,21 @@ class LisaModel(BaseTuner):
         check_lisa_state_dict(model, adapter_name, state_dict)
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """The compact LiSA model of one adapter: a `LisaLlamaForCausalLM` without the unused base Q/K.
+
+        LiSA is not a weight delta, so nothing is merged into the base weights: the returned transformers model
+        (`lisa_peft.compact.merge_lisa_adapter`) holds, in each LiSA layer, the low-rank Q/K, the head FFN and the
+        base V/O, and computes exactly what this PeftModel computes. It shares this model's tensors (no copy);
+        this PeftModel is left unchanged. With several adapters, name one: `adapter_names=["name"]`.
+        `progressbar` is accepted for PEFT compatibility (the merge is instant).
+        """
+        from ...compact import merge_lisa_adapter
+
+        return merge_lisa_adapter(self, adapter_names=adapter_names, safe_merge=safe_merge)
+
     def _check_merge_allowed(self) -> None:
         raise ValueError(_MERGE_ERROR)
 
