@@ -20,7 +20,7 @@ Example (tiny random model; the same code runs on any LLaMA checkpoint):
 torch.Size([1, 4, 128])
 """
 
-from . import transformers_compat
+from . import compact, transformers_compat  # noqa: F401  (compact registers merge_and_unload's builder)
 from .convert import convert
 from .hub import from_pretrained, install_hub_hooks, push_adapter
 from .loading import install_loading_guards

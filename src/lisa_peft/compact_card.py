@@ -29,8 +29,8 @@ def render_compact_card(model: Any, repo_id: str | None = None, tags: list[str] 
     """README.md text for a `LisaLlamaForCausalLM` (`repo_id` goes into the usage snippet; `tags`: extra tags)."""
     from huggingface_hub import ModelCardData
 
-    from . import __version__
-    from .compact import compact_sizes
+    from .models.lisa_llama.sizes import compact_sizes
+    from .version import __version__
 
     config = model.config
     sizes = compact_sizes(model)

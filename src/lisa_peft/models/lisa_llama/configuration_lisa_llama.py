@@ -19,6 +19,9 @@ from transformers import LlamaConfig
 
 from ...tuners.lisa.config import KERNEL_MODES, LISA_DTYPES, SHARE_MODES
 
+# The LiSA modules of a compact LiSA layer (the rest are the base V and O projections).
+LISA_MODULE_NAMES = ("lisa_q_proj", "lisa_k_proj", "lisa_ffn_up", "lisa_ffn_down")
+
 
 class LisaLlamaConfig(LlamaConfig):
     """LLaMA config + LiSA fields (see module docstring)."""

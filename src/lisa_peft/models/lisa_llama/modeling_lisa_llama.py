@@ -28,9 +28,8 @@ from ... import transformers_compat as compat
 from ...tuners.lisa import attention as LA
 from ...tuners.lisa.model import add_forward_state, anchor_layers
 from ...tuners.lisa.state import LisaForwardState
-from .configuration_lisa_llama import LisaLlamaConfig
+from .configuration_lisa_llama import LISA_MODULE_NAMES, LisaLlamaConfig
 
-LISA_MODULE_NAMES = ("lisa_q_proj", "lisa_k_proj", "lisa_ffn_up", "lisa_ffn_down")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -207,7 +206,7 @@ class LisaLlamaForCausalLM(LlamaForCausalLM):
         the LiSA layers, the rank and the measured sizes, and its first lines say to install and import lisa_peft.
         """
         from ...compact_card import render_compact_card
-        from ...hub import _upload
+        from ...hub.push import _upload
 
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, max_shard_size=max_shard_size, tokenizer=tokenizer)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import types
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -109,6 +110,24 @@ def remove_lisa_adapter(model: nn.Module, adapter_name: str) -> None:
         if handle is not None:
             handle.remove()
             delattr(stack, _HOOK_ATTR)
+
+_COMPACT_BUILDER: Callable[..., nn.Module] | None = None
+
+
+def register_compact_builder(builder: Callable[..., nn.Module]) -> None:
+    """Set what `LisaModel.merge_and_unload` calls (`lisa_peft.compact.merge_lisa_adapter`, registered by
+    `import lisa_peft`): the tuner package itself knows nothing of the compact model class above it."""
+    global _COMPACT_BUILDER
+    _COMPACT_BUILDER = builder
+
+
+def _grows_dynamically(kwargs: dict[str, Any], generation_config: Any) -> bool:
+    """Whether `generate` will use a growing (dynamic) cache: transformers' chunked prefill allocates a
+    static cache at full head_dim before LiSA layers write their r-wide keys, so it is not asked for then."""
+    implementation = kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
+    passed = compat.pop_cache(dict(kwargs))
+    return implementation in (None, "dynamic") and (passed is None or isinstance(passed, compat.DynamicCache))
+
 
 class LisaModel(BaseTuner):
     """Creates LiSA layers from a pre-trained LLaMA-architecture model (spec `LISA.md`).
@@ -269,6 +288,7 @@ class LisaModel(BaseTuner):
             and use_cache is not False
             and "prefill_chunk_size" not in kwargs
             and getattr(generation_config, "prefill_chunk_size", None) is None
+            and _grows_dynamically(kwargs, generation_config)
         ):
             kwargs["prefill_chunk_size"] = size
         return self.model.generate(*args, **kwargs)
@@ -316,9 +336,9 @@ class LisaModel(BaseTuner):
         this PeftModel is left unchanged. With several adapters, name one: `adapter_names=["name"]`.
         `progressbar` is accepted for PEFT compatibility (the merge is instant).
         """
-        from ...compact import merge_lisa_adapter
-
-        return merge_lisa_adapter(self, adapter_names=adapter_names, safe_merge=safe_merge)
+        if _COMPACT_BUILDER is None:
+            raise RuntimeError("merge_and_unload() builds the compact LiSA model, which `import lisa_peft` registers.")
+        return _COMPACT_BUILDER(self, adapter_names=adapter_names, safe_merge=safe_merge)
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(_MERGE_ERROR)
