@@ -35,8 +35,13 @@ TRANSFORMERS_VERSION = Version(transformers.__version__)
 apply_rotary_pos_emb = modeling_llama.apply_rotary_pos_emb
 """RoPE of LLaMA: (q [B, H, T, D], k [B, G, T, D], cos, sin) -> rotated (q, k)."""
 
-SUPPORTS_PREFILL_CHUNKING: bool = hasattr(transformers.GenerationConfig(), "prefill_chunk_size")
-"""Whether `generate` takes `prefill_chunk_size` (prefill as chunks over a growing cache)."""
+SUPPORTS_PREFILL_CHUNKING: bool = hasattr(transformers.GenerationConfig(), "prefill_chunk_size") and (
+    TRANSFORMERS_VERSION >= Version("5.24.0")
+)
+"""Whether LiSA models pass `prefill_chunk_size` to `generate` (prefill as chunks over a growing cache).
+Only from 5.24, where it was tested: transformers 5.0 refuses it ("Cannot use prefill chunking without
+a cache") when generate creates the cache itself. Older releases still chunk long prefills in the
+decoder stack (`tuners/lisa/chunked.py`)."""
 __all__ = [
     "CACHE_KWARG",
     "DynamicCache",
