@@ -106,15 +106,25 @@ def check_transformers_version(version: Version = TRANSFORMERS_VERSION) -> bool:
     return False
 
 
-def pop_cache(kwargs: dict[str, Any]) -> Any:
+def pop_cache(kwargs: dict[str, Any], layer_idx: int | None = None) -> Any:
     """Remove the KV cache from an attention module's keyword arguments and return it (or None).
 
     Reads the name this transformers passes (`CACHE_KWARG`); a cache under the other name (a caller
     that still uses the old or already the new spelling) is accepted too, never silently dropped.
+    With `layer_idx` (a LiSA or anchor layer), `use_cache=True` without a cache raises: continuing
+    would silently decode without the cache.
     """
     cache = kwargs.pop(CACHE_KWARG, None)
     legacy = kwargs.pop(_LEGACY_CACHE_KWARG, None)
-    return cache if cache is not None else legacy
+    cache = cache if cache is not None else legacy
+    if cache is None and layer_idx is not None and kwargs.get("use_cache"):
+        raise RuntimeError(
+            f"Layer {layer_idx} was called with use_cache=True but received no KV cache (looked for "
+            f"`{CACHE_KWARG}`): this transformers release ({TRANSFORMERS_VERSION}) passes the cache in a way "
+            "lisa-peft does not know, and continuing would silently decode without it. Install a tested "
+            f"release: pip install 'transformers>={TESTED_TRANSFORMERS_MIN},<={TESTED_TRANSFORMERS_MAX}'."
+        )
+    return cache
 
 
 def cache_kwargs(cache: Any) -> dict[str, Any]:

@@ -90,7 +90,7 @@ class LisaLlamaAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states [B, T, d] -> (output [B, T, d], probabilities [B, H, T, N] or None on the kernels)."""
         state = _pop_state(kwargs, self.layer_idx)
-        cache = compat.pop_cache(kwargs)
+        cache = compat.pop_cache(kwargs, self.layer_idx)
         return LA.lisa_attention(self.lisa_weights(), hidden_states, position_embeddings, attention_mask, cache, state)
 
 
@@ -113,7 +113,7 @@ class LisaLlamaAnchorAttention(LlamaAttention):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states [B, T, d] -> (output [B, T, d], probabilities [B, H, T, N] or None on the kernels)."""
         state = _pop_state(kwargs, self.layer_idx)
-        cache = compat.pop_cache(kwargs)
+        cache = compat.pop_cache(kwargs, self.layer_idx)
         return LA.anchor_attention(
             self.anchor_weights(), hidden_states, position_embeddings, attention_mask, cache, state
         )

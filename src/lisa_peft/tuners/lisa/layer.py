@@ -200,15 +200,7 @@ class LisaAttention(nn.Module, BaseTunerLayer):
                 "LiSA attention was called without its forward state. Run the whole model (the PeftModel returned "
                 "by get_peft_model / PeftModel.from_pretrained), not a single decoder layer."
             )
-        cache = compat.pop_cache(kwargs)
-        if cache is None and kwargs.get("use_cache"):
-            raise RuntimeError(
-                f"Layer {self.layer_idx} was called with use_cache=True but received no KV cache (looked for "
-                f"`{compat.CACHE_KWARG}`): this transformers release ({compat.TRANSFORMERS_VERSION}) passes the cache "
-                "in a way lisa-peft does not know, and continuing would silently decode without it. Install a tested "
-                f"release: pip install 'transformers>={compat.TESTED_TRANSFORMERS_MIN},"
-                f"<={compat.TESTED_TRANSFORMERS_MAX}'."
-            )
+        cache = compat.pop_cache(kwargs, self.layer_idx)
         run = self._anchor_forward if role == ROLE_ANCHOR else self._lisa_forward
         result = run(adapter, hidden_states, position_embeddings, attention_mask, cache, state)
         return self._call_base_forward_hooks(hidden_states, result)
