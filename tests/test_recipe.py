@@ -71,15 +71,47 @@ def test_run_recipe_end_to_end_and_resume(tiny_setup):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "lisa_init" / "adapter_config.json").is_file()
     saved = json.loads((out / "summary.json").read_text())
-    for key in ("base_ppl", "lisa_ppl_init", "lisa_ppl_layerwise", "lisa_ppl_trained"):
+    for key in ("base_ppl", "lisa_ppl_trained"):
         assert saved[key] > 1.0, key
+    for stage in ("init", "layerwise", "trained"):
+        assert saved["fidelity"][stage]["kl"] >= 0 and saved["fidelity"][stage]["ppl_ratio"] > 0, stage
+    # no data.eval: the held-out part of the user's own text is evaluated and labelled in-domain
+    assert saved["in_domain_eval"] and saved["heldout_text"].startswith("in-domain: last 10% of the training text")
     assert saved["train_steps"] == 6 and len(saved["lisa_layers"]) == 3
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["lisa_layers"] == saved["lisa_layers"] and "sensitivity_loss" in config["layer_scores"]
+    recorded = config["layer_scores"]["fidelity"]
+    assert recorded["ppl_ratio"] == round(saved["ppl_ratio_trained"], 4) and recorded["in_domain"]
+    card = (out / "adapter" / "README.md").read_text()
+    assert "KL(base || LiSA)" in card and "measure domain\nadaptation" in card and str(recorded["kl"]) in card
     # a second run reuses the converted adapter and resumes from the last checkpoint (step 6 = done)
     again = run_recipe({**tiny_setup["recipe"], "training": {**tiny_setup["recipe"]["training"], "max_steps": 8}},
                        progress=False)
     assert again["train_steps"] == 8 and again["lisa_layers"] == summary["lisa_layers"]
+
+
+def test_recipe_defaults_distill_on_text_sampled_from_the_base_and_evaluate_on_another_source(
+    tiny_setup, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LISA_PEFT_CACHE", str(tmp_path / "cache"))
+    recipe = {
+        "base_model": tiny_setup["recipe"]["base_model"],
+        "lisa": {"lisa_layers": [3, 4], "init_lisa_weights": "calibrate"},
+        "calibration": {"num_sequences": 4, "seq_len": 16, "layerwise_steps": 2},
+        "data": {"sampled_sequences": 8, "seq_len": 32, "max_eval_sequences": 3},
+        "zero_shot": {"file": str(tmp_path / "missing.jsonl")},  # not there: skipped with a warning
+        "training": {"output_dir": str(tmp_path / "out"), "max_steps": 2, "per_device_train_batch_size": 4,
+                     "use_cpu": True, "report_to": []},
+    }
+    summary = run_recipe(recipe, progress=False)
+    assert summary["heldout_text"] == "Python's pydoc topics (embedded corpus)" and not summary["in_domain_eval"]
+    assert list((tmp_path / "cache" / "corpora").glob("samples-*-8x32-seed0.pt"))
+    assert summary["eval_windows"].shape == (3, 32) and summary.get("zero_shot") is None
+    stages = summary["model"].peft_config["default"].layer_scores["stages"]
+    assert set(stages) == {"init", "layerwise"} and stages["init"]["kl"] > 0
+    with pytest.raises(ValueError, match="training text has"):
+        run_recipe({**recipe, "calibration": {"num_sequences": 99}, "training": {**recipe["training"],
+                    "output_dir": str(tmp_path / "out2")}}, progress=False)
 
 
 @pytest.mark.slow

@@ -53,11 +53,23 @@ def reload_adapter(base_model_id: str, source: str, revision: str | None = None)
 
 def summary_table(summary: dict[str, Any]) -> str:
     """The demo's result table (markdown)."""
+    fidelity = summary.get("fidelity", {})
     rows = [
-        ("base model perplexity (held-out)", f"{summary['base_ppl']:.2f}"),
-        ("LiSA perplexity after calibrated init", _fmt(summary.get("lisa_ppl_init"))),
-        ("LiSA perplexity after layer-wise stage", _fmt(summary.get("lisa_ppl_layerwise"))),
-        (f"LiSA perplexity after training ({summary['train_steps']} steps)", f"{summary['lisa_ppl_trained']:.2f}"),
+        ("held-out text (fidelity is measured here)", summary["heldout_text"]),
+        ("base model perplexity on it", f"{summary['base_ppl']:.2f}"),
+    ]
+    labels = {"init": "after calibrated init", "layerwise": "after layer-wise stage",
+              "trained": f"after training ({summary['train_steps']} steps)"}
+    for stage, label in labels.items():
+        if stage in fidelity:
+            f = fidelity[stage]
+            rows.append((f"LiSA {label}: perplexity (ratio to base) / KL(base||LiSA)",
+                         f"{f['lisa_ppl']:.2f} ({f['ppl_ratio']:.3f}) / {f['kl']:.4f} nats/token"))
+    if summary.get("zero_shot"):
+        z = summary["zero_shot"]
+        rows.append((f"zero-shot {z['task']} acc_norm, base vs LiSA ({z['questions']} questions)",
+                     f"{z['base_acc_norm']:.3f} vs {z['lisa_acc_norm']:.3f}"))
+    rows += [
         ("LiSA layers / total", f"{len(summary['lisa_layers'])} / {summary['num_layers']}  {summary['lisa_layers']}"),
         ("trainable parameters", f"{summary['trainable_params']:,} ({summary['trainable_pct']:.2f}% of the model)"),
         ("adapter size (adapter_model.safetensors)", _human_bytes(summary["adapter_bytes"])),
@@ -81,10 +93,6 @@ def summary_table(summary: dict[str, Any]) -> str:
     lines = [f"| {'':<{width}} | value |", f"|{'-' * (width + 2)}|-------|"]
     lines += [f"| {k:<{width}} | {v} |" for k, v in rows]
     return "\n".join(lines)
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 def run_demo(

@@ -214,6 +214,31 @@ def _eval_rows(eval_results: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     return rows
 
 
+def fidelity_eval_results(config: Any) -> dict[str, dict[str, Any]] | None:
+    """`eval_results` for the card from the held-out figures a recipe stored in `layer_scores["fidelity"]`
+    (`lisa_peft.recipe.record_fidelity`): KL(base || LiSA), perplexity ratio, both perplexities, and
+    zero-shot accuracy when it was measured. None when the adapter carries no figures."""
+    fidelity = (getattr(config, "layer_scores", None) or {}).get("fidelity")
+    if not fidelity:
+        return None
+    dataset = str(fidelity["text"])
+    results = {
+        "kl_to_base": {"value": fidelity["kl"], "dataset": dataset, "name": "KL(base || LiSA), nats/token"},
+        "perplexity_ratio_to_base": {"value": fidelity["ppl_ratio"], "dataset": dataset,
+                                     "name": "perplexity LiSA / base"},
+        "perplexity": {"value": fidelity["lisa_ppl"], "dataset": dataset, "name": "perplexity (LiSA)"},
+        "base_perplexity": {"value": fidelity["base_ppl"], "dataset": dataset, "name": "perplexity (base model)"},
+    }
+    zero_shot = fidelity.get("zero_shot")
+    if zero_shot:
+        task = str(zero_shot["task"])
+        results["acc_norm"] = {"value": zero_shot["lisa_acc_norm"], "dataset": task,
+                               "name": "acc_norm (LiSA, zero-shot)"}
+        results["base_acc_norm"] = {"value": zero_shot["base_acc_norm"], "dataset": task,
+                                    "name": "acc_norm (base model, zero-shot)"}
+    return results
+
+
 def _card_data(rows: list[dict[str, Any]], base_hub_id: str | None, license: str | None, model_name: str) -> Any:
     from huggingface_hub import EvalResult, ModelCardData
 
@@ -267,7 +292,7 @@ def render_model_card(
     shape = base_model_shape(cfg)
     r = config.r or default_rank(shape["head_dim"])
     lisa = sorted(config.lisa_layers)
-    rows = _eval_rows(eval_results)
+    rows = _eval_rows(eval_results or fidelity_eval_results(config))
 
     name = _base_name(config, model, cfg)
     alias = _demo_alias(name)
@@ -307,6 +332,7 @@ def render_model_card(
         },
         "params": {"lisa": n_lisa_params, "base": n_base, "pct": n_lisa_params / n_base},
         "eval_results": rows,
+        "fidelity": (config.layer_scores or {}).get("fidelity") if not eval_results else None,
     }
     text = _environment().from_string(template_path().read_text(encoding="utf-8")).render(**context)
     return re.sub(r"\n{3,}", "\n\n", text)
@@ -358,12 +384,16 @@ def updated_card_text(
     *,
     repo_id: str | None = None,
     tags: list[str] | None = None,
+    eval_results: dict | None = None,
 ) -> str:
-    """The README.md to write for `peft_model`, given the README text already there (None: none)."""
+    """The README.md to write for `peft_model`, given the README text already there (None: none).
+
+    eval_results (see `render_model_card`) replace those of the existing card when given."""
     from huggingface_hub import ModelCard
 
     if existing is None or is_lisa_card(existing) or _is_generic_card(existing):
-        license, eval_results = _kept_settings(existing)
+        license, kept_results = _kept_settings(existing)
+        eval_results = eval_results or kept_results
         text = render_model_card(peft_model, eval_results=eval_results, license=license, repo_id=repo_id)
         if not tags:
             return text
@@ -380,9 +410,9 @@ def updated_card_text(
     return str(card)
 
 
-def write_model_card(peft_model: Any, output_dir: str | os.PathLike) -> Path:
+def write_model_card(peft_model: Any, output_dir: str | os.PathLike, eval_results: dict | None = None) -> Path:
     """Write (or update) `output_dir/README.md` for a LiSA PeftModel; see `updated_card_text`."""
     path = Path(output_dir) / "README.md"
     existing = path.read_text(encoding="utf-8") if path.is_file() else None
-    path.write_text(updated_card_text(peft_model, existing), encoding="utf-8")
+    path.write_text(updated_card_text(peft_model, existing, eval_results=eval_results), encoding="utf-8")
     return path
