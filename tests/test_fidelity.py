@@ -99,6 +99,28 @@ def test_trainer_with_cached_teacher_computes_the_same_loss_as_with_a_teacher_fo
         TokenWindowDataset(windows[:4], teacher)
 
 
+def test_trainer_train_uses_the_cached_teacher_and_never_runs_a_teacher_forward(tmp_path):
+    """Regression: the Trainer's remove_unused_columns dropped the teacher fields, so every step ran a
+    full-vocabulary teacher forward (2.7x slower on the demo) while the cache sat unused."""
+    import transformers
+
+    model = _lisa(init="random")
+    windows = _windows(8, 12)
+    dataset = TokenWindowDataset(windows, cache_teacher_topk(model, windows, k=8))
+
+    def no_teacher_forward():
+        raise AssertionError("a teacher forward ran although cached teacher outputs were given")
+
+    model.disable_adapter = no_teacher_forward
+    trainer = LisaTrainer(
+        model=model, train_dataset=dataset,
+        args=transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=2,
+                                            per_device_train_batch_size=4, save_strategy="no"),
+    )
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
 def test_trainer_with_cached_teacher_lowers_the_held_out_kl(tmp_path):
     import transformers
 
@@ -111,13 +133,16 @@ def test_trainer_with_cached_teacher_lowers_the_held_out_kl(tmp_path):
         model=model,
         args=transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=20,
                                             learning_rate=1e-2, per_device_train_batch_size=8, save_strategy="no"),
-        train_dataset=TokenWindowDataset(train, cache_teacher_topk(model, train, k=16)),
+        train_dataset=TokenWindowDataset(train, cache_teacher_topk(model, train, k=VOCAB)),
     )
     trainer.train()
     assert measure_fidelity(model, held_out, "ids").kl < 0.8 * before
 
 
-def test_sampled_windows_are_the_models_own_text_and_are_cached(tmp_path):
+def test_sampled_windows_are_the_models_own_text_are_cached_and_extend_as_a_prefix(tmp_path, monkeypatch):
+    import lisa_peft.sampled_corpus as sc
+
+    monkeypatch.setattr(sc, "BATCH", 2)
     model, tokenizer = tiny_llama(num_layers=2, vocab_size=len(char_tokenizer()), bos_token_id=1, eos_token_id=2,
                                   pad_token_id=2), char_tokenizer()
     windows = sampled_windows(model, tokenizer, num_sequences=3, seq_len=10, seed=5, cache_dir=tmp_path, progress=False)
@@ -125,8 +150,13 @@ def test_sampled_windows_are_the_models_own_text_and_are_cached(tmp_path):
     assert not bool((windows[:, 1:] == tokenizer.eos_token_id).any())  # EOS suppressed until the window is full
     files = list(tmp_path.glob("samples-*.pt"))
     assert len(files) == 1 and model_fingerprint(model) in files[0].name
+    assert torch.load(files[0]).shape == (4, 10)  # whole batches are kept
     assert torch.equal(sampled_windows(model, tokenizer, 3, 10, seed=5, cache_dir=tmp_path, progress=False), windows)
     assert torch.equal(sample_windows(model, tokenizer, 3, 10, seed=5, progress=False), windows)  # deterministic
+    longer = sampled_windows(model, tokenizer, 7, 10, seed=5, cache_dir=tmp_path, progress=False)
+    assert torch.equal(longer[:3], windows) and torch.equal(longer, sample_windows(model, tokenizer, 7, 10, seed=5,
+                                                                                      progress=False))
+    assert torch.load(files[0]).shape == (8, 10)
     assert not torch.equal(sample_windows(model, tokenizer, 3, 10, seed=6, progress=False), windows)
     other = tiny_llama(num_layers=2, seed=1, vocab_size=len(tokenizer))
     assert model_fingerprint(other) != model_fingerprint(model)

@@ -83,17 +83,19 @@ def test_demo_end_to_end_with_push_to_the_local_hub(hub_server, tmp_path):
         "--set", f"training.output_dir={out}", "--set", "training.max_steps=2", "--set", "time_budget_minutes=null",
         "--set", "calibration.num_sequences=4", "--set", "calibration.layerwise_steps=4",
         "--set", "lisa.target_fraction=0.2", "--set", "data.max_eval_sequences=2",
-        "--set", "data.max_train_sequences=64",
+        "--set", "data.sampled_sequences=32", "--set", "data.seq_len=64", "--set", "calibration.seq_len=32",
     ]
     env = hub_server.client_env()
     result = subprocess.run(command, capture_output=True, text=True, timeout=1500, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "LiSA perplexity after training (2 steps)" in result.stdout
+    assert "LiSA after training (2 steps): perplexity (ratio to base) / KL(base||LiSA)" in result.stdout
+    assert "Python's pydoc topics (embedded corpus)" in result.stdout  # the held-out text is named
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["reload_identical"] and summary["pushed_to"] == repo
     assert len(summary["lisa_layers"]) == 6 and min(summary["lisa_layers"]) >= 2
     assert summary["kv_lisa"] < summary["kv_base"]
-    assert all(torch.isfinite(torch.tensor(summary[k])) for k in ("base_ppl", "lisa_ppl_trained"))
+    assert all(torch.isfinite(torch.tensor(summary[k])) for k in ("base_ppl", "lisa_ppl_trained", "kl_trained"))
+    assert summary["fidelity"]["trained"]["ppl_ratio"] == pytest.approx(summary["ppl_ratio_trained"])
     assert summary["generation"].startswith("The most important idea in programming is")
     assert summary["generation_check"].startswith("cached == uncached == full-forward argmax")
     assert summary["compact_identical"] and summary["compact_param_bytes"] < summary["base_param_bytes"]

@@ -105,7 +105,7 @@ def test_recipe_defaults_distill_on_text_sampled_from_the_base_and_evaluate_on_a
     }
     summary = run_recipe(recipe, progress=False)
     assert summary["heldout_text"] == "Python's pydoc topics (embedded corpus)" and not summary["in_domain_eval"]
-    assert list((tmp_path / "cache" / "corpora").glob("samples-*-8x32-seed0.pt"))
+    assert list((tmp_path / "cache" / "corpora").glob("samples-*-len32-seed0.pt"))
     assert summary["eval_windows"].shape == (3, 32) and summary.get("zero_shot") is None
     stages = summary["model"].peft_config["default"].layer_scores["stages"]
     assert set(stages) == {"init", "layerwise"} and stages["init"]["kl"] > 0

@@ -124,3 +124,32 @@ def test_trainer_checkpoint_resumes_to_the_same_weights(tmp_path):
     resumed = run(tmp_path / "b", str(checkpoint))
     for name in straight:
         torch.testing.assert_close(resumed[name], straight[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_time_budget_callback_anneals_the_rate_over_the_budget_and_stops_at_its_end(monkeypatch):
+    import types
+
+    import lisa_peft.training as training_module
+
+    clock = {"now": 100.0}
+    monkeypatch.setattr(training_module.time, "monotonic", lambda: clock["now"])
+    callback = training_module.TimeBudgetCallback(10.0, anneal=True)
+    control = types.SimpleNamespace(should_training_stop=False, should_save=False)
+    optimizer = types.SimpleNamespace(param_groups=[{"lr": 1.0}])
+    callback.on_train_begin(None, None, control)
+    clock["now"] = 105.0  # half the budget: cos factor 0.5
+    callback.on_step_end(None, None, control, optimizer=optimizer)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.5) and not control.should_training_stop
+    optimizer.param_groups[0]["lr"] = 1.0  # the Trainer's scheduler sets the rate again every step
+    clock["now"] = 110.0
+    callback.on_step_end(None, None, control, optimizer=optimizer)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert control.should_training_stop and control.should_save
+    plain = training_module.TimeBudgetCallback(10.0)
+    plain.on_train_begin(None, None, control)
+    optimizer.param_groups[0]["lr"] = 1.0
+    clock["now"] = 115.0
+    plain.on_step_end(None, None, control, optimizer=optimizer)
+    assert optimizer.param_groups[0]["lr"] == 1.0
+    with pytest.raises(ValueError, match="positive"):
+        training_module.TimeBudgetCallback(0)

@@ -11,7 +11,8 @@ data:        {train: sampled, sampled_sequences: 192, eval: embedded, seq_len: 2
 distill_weight: 1.0                 # 1 = imitate the base model (default); < 1 mixes in causal-LM loss
 teacher_topk: 64                    # cache the base model's top-k log-probs once (0 = teacher forward per step)
 zero_shot:   {file: arc.jsonl, limit: 500}  # optional: zero-shot acc, base vs LiSA (ARC-style JSON lines)
-time_budget_minutes: 10             # stop training after this much wall-clock time (optional)
+time_budget_minutes: 10             # stop training after this much wall-clock time (optional); with
+                                    # lr_scheduler_type constant(_with_warmup) the rate follows a cosine over it
 training:    {...}                  # transformers.TrainingArguments fields (output_dir, max_steps, ...)
 ```
 
@@ -234,7 +235,8 @@ def run_recipe(recipe: dict[str, Any], progress: bool = True, resume: bool | str
         summary["fidelity"].setdefault(stage, {"text": eval_name, **figures})
     callbacks = []
     if recipe.get("time_budget_minutes"):
-        callbacks.append(TimeBudgetCallback(60.0 * float(recipe["time_budget_minutes"])))
+        anneal = training.get("lr_scheduler_type") in ("constant", "constant_with_warmup")
+        callbacks.append(TimeBudgetCallback(60.0 * float(recipe["time_budget_minutes"]), anneal=anneal))
     distill_weight = float(recipe.get("distill_weight", 1.0))
     topk = int(recipe.get("teacher_topk", 64))
     teacher = None

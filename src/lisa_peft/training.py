@@ -23,6 +23,8 @@ import torch.nn.functional as F
 import transformers
 from tqdm.auto import tqdm
 
+TEACHER_KEYS = ("teacher_logprobs", "teacher_ids")
+
 
 class TeacherTopK(NamedTuple):
     """The base model's top-k next-token log-probabilities per position: logprobs [N, T, k] (float32)
@@ -123,6 +125,13 @@ class LisaTrainer(transformers.Trainer):
         self.distill_weight = distill_weight
         self.distill_temperature = distill_temperature
 
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep the cached-teacher fields: the Trainer drops every example key that the model's forward does
+        not take (`remove_unused_columns`), which would silently turn the cache off."""
+        super()._set_signature_columns_if_needed()
+        missing = [key for key in TEACHER_KEYS if key not in self._signature_columns]
+        self._signature_columns = [*self._signature_columns, *missing]
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         cached_logprobs, cached_ids = inputs.pop("teacher_logprobs", None), inputs.pop("teacher_ids", None)
@@ -151,17 +160,31 @@ class LisaTrainer(transformers.Trainer):
 
 
 class TimeBudgetCallback(transformers.TrainerCallback):
-    """Stop training (and save) once `seconds` of wall-clock training time have passed."""
+    """Stop training (and save) once `seconds` of wall-clock training time have passed.
 
-    def __init__(self, seconds: float) -> None:
+    anneal=True also decays the learning rate along a cosine over the *time* budget: after every step
+    the rate set by the Trainer's scheduler is multiplied by 0.5 * (1 + cos(pi * elapsed / seconds)).
+    With `lr_scheduler_type="constant_with_warmup"` this is a cosine schedule that ends when the budget
+    does, on a fast or a slow machine alike (a step-count schedule would stop mid-way, at a high rate).
+    """
+
+    def __init__(self, seconds: float, anneal: bool = False) -> None:
+        if seconds <= 0:
+            raise ValueError(f"The time budget must be positive, got {seconds} s.")
         self.seconds = seconds
+        self.anneal = anneal
         self._start = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._start = time.monotonic()
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() - self._start >= self.seconds:
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        elapsed = time.monotonic() - self._start
+        if self.anneal and optimizer is not None:
+            factor = 0.5 * (1.0 + math.cos(math.pi * min(1.0, elapsed / self.seconds)))
+            for group in optimizer.param_groups:
+                group["lr"] *= factor
+        if elapsed >= self.seconds:
             control.should_training_stop = True
             control.should_save = True
         return control
