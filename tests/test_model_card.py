@@ -205,3 +205,25 @@ def test_a_trainer_card_is_replaced_keeping_its_license_and_results(tmp_path):
     assert MODEL_CARD_MARKER in card.text and "Trainer had access to" not in card.text
     assert card.data.license == "apache-2.0"
     assert [(r.metric_type, r.metric_value, r.dataset_name) for r in card.data.eval_results] == [("loss", 2.5, "tiny")]
+
+
+def test_card_reports_the_fidelity_figures_the_adapter_carries_and_they_survive_push_rendering():
+    model = _lisa()
+    model.peft_config["default"].layer_scores = {"fidelity": {
+        "text": "Python's pydoc topics (embedded corpus)", "in_domain": False, "tokens": 4080, "kl": 0.0812,
+        "ppl_ratio": 1.0734, "base_ppl": 11.761, "lisa_ppl": 12.625, "train_steps": 60,
+        "zero_shot": {"task": "arc_easy", "questions": 300, "base_acc_norm": 0.55, "lisa_acc_norm": 0.53,
+                      "base_acc": 0.6, "lisa_acc": 0.58},
+    }}
+    text = render_model_card(model, repo_id="org/x")  # no eval_results given: taken from the adapter config
+    assert "per-token KL(base || LiSA) **0.0812** nats" in text and "(ratio **1.0734**)" in text
+    assert "Python's pydoc topics (embedded corpus)" in text and "domain\nadaptation" not in text
+    results = {r.metric_type: r for r in ModelCard(text).data.eval_results}
+    assert results["perplexity_ratio_to_base"].metric_value == 1.0734
+    assert results["kl_to_base"].dataset_name == "Python's pydoc topics (embedded corpus)"
+    assert results["acc_norm"].metric_value == 0.53 and results["base_acc_norm"].dataset_name == "arc_easy"
+    model.peft_config["default"].layer_scores["fidelity"]["in_domain"] = True
+    assert "measure domain\nadaptation" in render_model_card(model)
+    # explicit eval_results still win, and a card without figures has no fidelity paragraph
+    assert "KL(base || LiSA) **" not in render_model_card(model, eval_results=EVAL)
+    assert "## Evaluation" not in render_model_card(_lisa())

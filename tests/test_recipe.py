@@ -129,3 +129,14 @@ def test_two_process_ddp_run_with_accelerate(tiny_setup, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["train_steps"] == 6
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_held_out_text_from_the_training_source_is_labelled_in_domain(tmp_path):
+    from lisa_peft.recipe import _same_source
+
+    text = tmp_path / "a.txt"
+    text.write_text("x")
+    assert _same_source(["hf:wikitext:wikitext-103-raw-v1:train"], ["hf:wikitext:wikitext-103-raw-v1:validation"])
+    assert not _same_source(["hf:wikitext:wikitext-103-raw-v1:train"], ["hf:allenai/c4:en:validation"])
+    assert _same_source([str(text)], [str(tmp_path / "." / "a.txt")])
+    assert not _same_source("sampled", "embedded") and _same_source(None, "embedded")

@@ -104,6 +104,20 @@ def _sources(value: Any) -> list[str] | str | None:
     raise ValueError(f"A text source is 'sampled', 'embedded' or a list of .txt paths / hf:NAME specs; got {value!r}.")
 
 
+def _same_source(train: list[str] | str | None, evaluation: list[str] | str | None) -> bool:
+    """Whether the held-out text comes from a source the training text also comes from (same file, same
+    Hub dataset and config, or both the embedded corpus): then its figures are in-domain."""
+    def keys(sources: list[str] | str | None) -> set[str]:
+        if sources in (None, EMBEDDED):
+            return {EMBEDDED}
+        if sources == SAMPLED:
+            return {SAMPLED}
+        return {":".join(s.split(":")[:3]) if s.startswith("hf:") else str(Path(s).expanduser().resolve())
+                for s in sources}
+
+    return bool(keys(train) & keys(evaluation))
+
+
 def describe_sources(sources: list[str] | str | None) -> str:
     """A human-readable name of text sources (shown next to every figure measured on them)."""
     if sources in (None, EMBEDDED):
@@ -135,6 +149,10 @@ def prepare_data(tokenizer, recipe: dict[str, Any], model=None, progress: bool =
         if eval_sources:
             eval_texts = load_texts(None if eval_sources == EMBEDDED else eval_sources)
             eval_name = describe_sources(eval_sources)
+            if _same_source(train_sources, eval_sources):
+                in_domain = True
+                eval_name = (f"in-domain: {eval_name} (the training text's source); "
+                             "measures domain adaptation, not fidelity")
         else:
             texts, eval_texts = split_texts(texts, float(data.get("holdout", 0.1)))
             in_domain = True
