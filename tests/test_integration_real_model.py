@@ -88,7 +88,7 @@ def test_demo_end_to_end_with_push_to_the_local_hub(hub_server, tmp_path):
     env = hub_server.client_env()
     result = subprocess.run(command, capture_output=True, text=True, timeout=1500, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "LiSA after training (2 steps): perplexity (ratio to base) / KL(base||LiSA)" in result.stdout
+    assert "LiSA after training (2 steps): perplexity (ratio to base) / KL(base ‖ LiSA)" in result.stdout
     assert "Python's pydoc topics (embedded corpus)" in result.stdout  # the held-out text is named
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["reload_identical"] and summary["pushed_to"] == repo

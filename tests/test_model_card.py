@@ -216,7 +216,7 @@ def test_card_reports_the_fidelity_figures_the_adapter_carries_and_they_survive_
                       "base_acc": 0.6, "lisa_acc": 0.58},
     }}
     text = render_model_card(model, repo_id="org/x")  # no eval_results given: taken from the adapter config
-    assert "per-token KL(base || LiSA) **0.0812** nats" in text and "(ratio **1.0734**)" in text
+    assert "per-token KL(base ‖ LiSA) **0.0812** nats" in text and "(ratio **1.0734**)" in text
     assert "Python's pydoc topics (embedded corpus)" in text and "domain\nadaptation" not in text
     results = {r.metric_type: r for r in ModelCard(text).data.eval_results}
     assert results["perplexity_ratio_to_base"].metric_value == 1.0734
@@ -225,5 +225,5 @@ def test_card_reports_the_fidelity_figures_the_adapter_carries_and_they_survive_
     model.peft_config["default"].layer_scores["fidelity"]["in_domain"] = True
     assert "measure domain\nadaptation" in render_model_card(model)
     # explicit eval_results still win, and a card without figures has no fidelity paragraph
-    assert "KL(base || LiSA) **" not in render_model_card(model, eval_results=EVAL)
+    assert "KL(base ‖ LiSA) **" not in render_model_card(model, eval_results=EVAL)
     assert "## Evaluation" not in render_model_card(_lisa())

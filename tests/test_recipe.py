@@ -83,7 +83,7 @@ def test_run_recipe_end_to_end_and_resume(tiny_setup):
     recorded = config["layer_scores"]["fidelity"]
     assert recorded["ppl_ratio"] == round(saved["ppl_ratio_trained"], 4) and recorded["in_domain"]
     card = (out / "adapter" / "README.md").read_text()
-    assert "KL(base || LiSA)" in card and "measure domain\nadaptation" in card and str(recorded["kl"]) in card
+    assert "KL(base ‖ LiSA)" in card and "measure domain\nadaptation" in card and str(recorded["kl"]) in card
     # a second run reuses the converted adapter and resumes from the last checkpoint (step 6 = done)
     again = run_recipe({**tiny_setup["recipe"], "training": {**tiny_setup["recipe"]["training"], "max_steps": 8}},
                        progress=False)

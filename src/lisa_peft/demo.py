@@ -75,7 +75,7 @@ def summary_table(summary: dict[str, Any]) -> str:
     for stage, label in labels.items():
         if stage in fidelity:
             f = fidelity[stage]
-            rows.append((f"LiSA {label}: perplexity (ratio to base) / KL(base||LiSA)",
+            rows.append((f"LiSA {label}: perplexity (ratio to base) / KL(base ‖ LiSA)",
                          f"{f['lisa_ppl']:.2f} ({f['ppl_ratio']:.3f}) / {f['kl']:.4f} nats/token"))
     if summary.get("zero_shot"):
         z = summary["zero_shot"]

@@ -223,7 +223,7 @@ def fidelity_eval_results(config: Any) -> dict[str, dict[str, Any]] | None:
         return None
     dataset = str(fidelity["text"])
     results = {
-        "kl_to_base": {"value": fidelity["kl"], "dataset": dataset, "name": "KL(base || LiSA), nats/token"},
+        "kl_to_base": {"value": fidelity["kl"], "dataset": dataset, "name": "KL(base ‖ LiSA), nats/token"},
         "perplexity_ratio_to_base": {"value": fidelity["ppl_ratio"], "dataset": dataset,
                                      "name": "perplexity LiSA / base"},
         "perplexity": {"value": fidelity["lisa_ppl"], "dataset": dataset, "name": "perplexity (LiSA)"},
