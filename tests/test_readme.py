@@ -75,3 +75,27 @@ def test_readme_first_lines_give_two_commands():
 def test_package_docstring_example():
     result = doctest.testmod(lisa_peft, verbose=False)
     assert result.attempted >= 4 and result.failed == 0
+
+
+def test_readme_fidelity_example_runs(tmp_path, monkeypatch):
+    """The fidelity / zero-shot snippet of "Evaluation and analysis", on a tiny model with a char tokenizer."""
+    import json
+    import textwrap
+
+    from peft import get_peft_model
+
+    from lisa_peft import LisaConfig
+    from tests.conftest import tiny_llama
+    from tests.tiny_assets import char_tokenizer, sample_text
+
+    monkeypatch.chdir(tmp_path)
+    question = {"question": "Which?", "choices": {"text": ["a b", "c"], "label": ["A", "B"]}, "answerKey": "A"}
+    (tmp_path / "arc_easy.jsonl").write_text(json.dumps(question) + "\n")
+    tokenizer = char_tokenizer()
+    lisa_model = get_peft_model(tiny_llama(num_layers=4, vocab_size=len(tokenizer), max_position_embeddings=512),
+                                LisaConfig(lisa_layers=[2, 3]))
+    namespace = {"lisa_model": lisa_model, "tokenizer": tokenizer, "text": sample_text(8000)}
+    code = textwrap.dedent(_section_code("Evaluation and analysis"))
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["report"].tokens == 16 * 255 and namespace["report"].ppl_ratio > 0
+    assert set(namespace["compare_zero_shot"](lisa_model, tokenizer, namespace["questions"])) == {"base", "lisa"}
