@@ -38,17 +38,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def held_out_sets(tokenizer, seq_len: int = 256, n: int = 16) -> dict[str, torch.Tensor]:
     """{"shakespeare": [n, seq_len], "pydoc": [n, seq_len]} token windows spread over each text."""
-    from lisa_peft.data import embedded_corpus, token_windows
-
-    def spread(windows: torch.Tensor) -> torch.Tensor:
-        return windows[torch.arange(n) * windows.shape[0] // n]
+    from lisa_peft.data import embedded_corpus, spread_windows, token_windows
 
     sets = {}
     shakespeare = SHARED / "tinyshakespeare.txt"
     if shakespeare.is_file():
         text = shakespeare.read_text(encoding="utf-8")
-        sets["shakespeare"] = spread(token_windows(tokenizer, [text[int(len(text) * 0.9):]], seq_len))
-    sets["pydoc"] = spread(token_windows(tokenizer, embedded_corpus(), seq_len))
+        sets["shakespeare"] = spread_windows(token_windows(tokenizer, [text[int(len(text) * 0.9):]], seq_len), n)
+    sets["pydoc"] = spread_windows(token_windows(tokenizer, embedded_corpus(), seq_len), n)
     return sets
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["chunk_token_windows", "embedded_corpus", "load_texts", "split_texts", "token_windows"]
+__all__ = ["chunk_token_windows", "embedded_corpus", "load_texts", "split_texts", "spread_windows", "token_windows"]
 
 
 def embedded_corpus() -> list[str]:
@@ -84,6 +84,13 @@ def token_windows(tokenizer, texts: list[str], seq_len: int, max_sequences: int 
         raise ValueError(f"The text has {len(stream)} tokens, fewer than one window of {seq_len}; give more text.")
     n = available if max_sequences is None else min(available, max_sequences)
     return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def spread_windows(windows: torch.Tensor, n: int | None) -> torch.Tensor:
+    """At most `n` of the windows [N, T], evenly spaced over all N (all of them when n is None or >= N)."""
+    if n is None or windows.shape[0] <= n:
+        return windows
+    return windows[torch.arange(n) * windows.shape[0] // n]
 
 
 def split_texts(texts: list[str], holdout: float = 0.1) -> tuple[list[str], list[str]]:

@@ -47,7 +47,7 @@ import transformers
 import yaml
 from peft import PeftModel
 
-from .data import load_texts, split_texts, token_windows
+from .data import load_texts, split_texts, spread_windows, token_windows
 from .tuners.lisa import LisaConfig
 
 logger = logging.getLogger(__name__)
@@ -160,10 +160,8 @@ def prepare_data(tokenizer, recipe: dict[str, Any], model=None, progress: bool =
                          f"({describe_sources(train_sources)}); measures domain adaptation, not fidelity")
         train = token_windows(tokenizer, texts, seq_len, data.get("max_train_sequences"))
     eval_len = int(data.get("eval_seq_len", seq_len))
-    evaluation = token_windows(tokenizer, eval_texts, eval_len)
     limit = data.get("max_eval_sequences")
-    if limit is not None and evaluation.shape[0] > int(limit):  # spread evenly over the whole held-out text
-        evaluation = evaluation[torch.arange(int(limit)) * evaluation.shape[0] // int(limit)]
+    evaluation = spread_windows(token_windows(tokenizer, eval_texts, eval_len), None if limit is None else int(limit))
     return {"train": train, "eval": evaluation, "eval_name": eval_name, "in_domain": in_domain}
 
 

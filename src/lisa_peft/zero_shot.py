@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .metrics.core import pad_batch
+
 __all__ = ["MultipleChoice", "ZeroShotResult", "compare_zero_shot", "load_multiple_choice_jsonl", "zero_shot_accuracy"]
 
 
@@ -89,12 +91,7 @@ def _choice_loglikelihoods(model, sequences: list[tuple[list[int], int]], batch_
     scores: list[float] = []
     for start in range(0, len(sequences), batch_size):
         chunk = sequences[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for row, (seq, _) in enumerate(chunk):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
+        ids, mask = pad_batch([seq for seq, _ in chunk])
         log_probs = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
         log_probs = log_probs.log_softmax(-1).cpu()
         for row, (seq, n) in enumerate(chunk):

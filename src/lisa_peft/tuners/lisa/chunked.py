@@ -114,12 +114,8 @@ def chunked_stack_forward(stack: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
 def set_prefill_chunk_size(model: nn.Module, size: int | None, adapter_name: str | None = None) -> None:
     """Change `LisaConfig.prefill_chunk_size` of a loaded LiSA model (its active adapter unless `adapter_name`)."""
-    from .layer import LisaAttention
+    from .layer import set_adapter_setting
 
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
         raise ValueError(f"`prefill_chunk_size` must be None, 0 or a positive integer, got {size!r}.")
-    adapter_name = adapter_name or model.active_adapter
-    model.peft_config[adapter_name].prefill_chunk_size = size
-    for module in model.modules():
-        if isinstance(module, LisaAttention) and adapter_name in module.lisa_roles:
-            module.lisa_prefill_chunk[adapter_name] = size
+    set_adapter_setting(model, adapter_name, "prefill_chunk_size", "lisa_prefill_chunk", size)

@@ -279,3 +279,15 @@ _MERGE_ERROR = (
     "returns the compact LiSA model instead (a transformers model without the unused base Q/K of LiSA layers); "
     "unload() gives the original base model back."
 )
+
+
+def set_adapter_setting(model: nn.Module, adapter_name: str | None, config_field: str, layer_field: str,
+                        value: Any) -> None:
+    """Set `LisaConfig.<config_field>` of a loaded LiSA model (its active adapter unless `adapter_name`) and
+    the per-adapter dict `<layer_field>` of every LisaAttention that adapter owns (inference settings that
+    layers read on each call, e.g. the kernel mode)."""
+    adapter_name = adapter_name or model.active_adapter
+    setattr(model.peft_config[adapter_name], config_field, value)
+    for module in model.modules():
+        if isinstance(module, LisaAttention) and adapter_name in module.lisa_roles:
+            getattr(module, layer_field)[adapter_name] = value

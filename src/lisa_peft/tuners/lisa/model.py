@@ -16,7 +16,7 @@ from ... import transformers_compat as compat
 from . import chunked
 from .checkpoint import check_lisa_state_dict
 from .config import KERNEL_MODES, LisaConfig, base_model_shape, base_shape_mismatch
-from .layer import _MERGE_ERROR, ROLE_ANCHOR, ROLE_LISA, LisaAttention
+from .layer import _MERGE_ERROR, ROLE_ANCHOR, ROLE_LISA, LisaAttention, set_adapter_setting
 from .state import LisaForwardState
 
 # transformers `model_type`s whose attention follows the LLaMA contract (q/k/v/o projections,
@@ -83,11 +83,7 @@ def set_kernel_mode(model: torch.nn.Module, mode: str, adapter_name: str | None 
     """Switch `LisaConfig.kernel` of a loaded LiSA model (its active adapter unless `adapter_name`)."""
     if mode not in KERNEL_MODES:
         raise ValueError(f"kernel must be one of {KERNEL_MODES}, got {mode!r}.")
-    adapter_name = adapter_name or model.active_adapter
-    model.peft_config[adapter_name].kernel = mode
-    for module in model.modules():
-        if isinstance(module, LisaAttention) and adapter_name in module.lisa_roles:
-            module.lisa_kernel[adapter_name] = mode
+    set_adapter_setting(model, adapter_name, "kernel", "lisa_kernel", mode)
 
 
 
