@@ -1,0 +1,196 @@
+"""Long prompts, base vs LiSA, the way a user runs them: peak memory, prefill time, decode tokens/s.
+
+Usage: ``python benchmarks/prefill.py [--tokens 1024 2048 4096 8192 16384] [--new-tokens 16]
+[--layers demo] [--variants base lisa] [--call generate] [--threads N] [--model PATH]``.
+
+Every (prompt length, variant) runs in a fresh process (the script re-runs itself with ``--one``), so
+one run's peak resident set size is not hidden by another's. In that process:
+
+* ``base``: the base model as ``AutoModelForCausalLM.from_pretrained`` gives it (sdpa attention);
+* ``lisa``: the same base with ``get_peft_model(base, LisaConfig(lisa_layers=...))``, library
+  defaults otherwise (so the default ``prefill_chunk_size`` applies: nothing is chunked by hand);
+* ``lisa-chunk=N``: LiSA with ``prefill_chunk_size=N`` (``0`` = one pass), to compare chunk sizes.
+
+``--call generate`` (default) times ``model.generate(ids, max_new_tokens=S, min_new_tokens=S)``
+(greedy) with a streamer that records when each token arrives: the prefill time is the time to the
+first new token, decode tokens/s is ``(S - 1) / (last - first)``. ``--call forward`` times one plain
+``model(input_ids=ids)`` (what perplexity code runs: logits for every position). The prompt is
+random token ids (the cost does not depend on the text; the LiSA weights are the identity init).
+
+Peak memory is ``ru_maxrss`` of the process (model, prompt, cache, temporaries: what the OS sees).
+Prints one JSON line per run, then a Markdown table with the LiSA / base ratios, and writes the
+rows to ``benchmarks/results/prefill-<time>.json``. Ratios are measured side by side in one run;
+read absolute times on a shared CPU as rough.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# The demo adapter's layers on SmolLM2-135M (recipes/demo_smollm2_cpu.yaml, README "Fidelity"): 12 of 30.
+DEMO_LAYERS = [6, 7, 8, 15, 20, 21, 23, 24, 25, 27, 28, 29]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+class TokenClock:
+    """A `generate` streamer that records the time at which each batch of new tokens arrives.
+
+    `generate` first puts the prompt, then each new token; `times` holds the new tokens' times.
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def parse_layers(spec: str) -> list[int]:
+    """'demo' (the demo's 12/30), 'a-b' (a range) or 'a,b,c'."""
+    if spec == "demo":
+        return list(DEMO_LAYERS)
+    if "-" in spec:
+        first, last = (int(x) for x in spec.split("-"))
+        return list(range(first, last + 1))
+    return sorted(int(x) for x in spec.split(","))
+
+
+def build_model(variant: str, layers: list[int], model_path: str | None):
+    """The model of one variant, in eval mode: 'base', 'lisa' or 'lisa-chunk=N'."""
+    from transformers import AutoModelForCausalLM
+
+    from lisa_peft.base_models import resolve_base_model
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_base_model(model_path), dtype="float32",
+                                                 attn_implementation="sdpa")
+    if variant == "base":
+        return model.eval()
+    from peft import get_peft_model
+
+    from lisa_peft import LisaConfig
+
+    kwargs = {}
+    if variant.startswith("lisa-chunk="):
+        kwargs["prefill_chunk_size"] = int(variant.split("=", 1)[1])
+    elif variant != "lisa":
+        raise ValueError(f"unknown variant {variant!r}: use base, lisa or lisa-chunk=N")
+    return get_peft_model(model, LisaConfig(lisa_layers=layers, **kwargs)).eval()
+
+
+def run_one(variant: str, tokens: int, new_tokens: int, call: str, layers: list[int],
+            model_path: str | None = None) -> dict:
+    """Load one variant, run one prompt of `tokens` random ids through `call`, return the measurements."""
+    import torch
+
+    model = build_model(variant, layers, model_path)
+    loaded_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
+    row = {"variant": variant, "tokens": tokens, "call": call, "threads": torch.get_num_threads()}
+    with torch.no_grad():
+        if call == "generate":
+            clock = TokenClock()
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, streamer=clock)
+            assert out.shape[1] == tokens + new_tokens, out.shape
+            row["prefill_s"] = round(clock.times[0] - clock.start, 3)
+            decode_s = clock.times[-1] - clock.times[0]
+            row["decode_tokens_per_s"] = round((len(clock.times) - 1) / decode_s, 3) if decode_s > 0 else None
+        elif call == "forward":
+            start = time.perf_counter()
+            model(input_ids=ids)
+            row["prefill_s"] = round(time.perf_counter() - start, 3)
+        else:
+            raise ValueError(f"unknown call {call!r}: use generate or forward")
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    row["loaded_rss_mb"] = round(loaded_kib / 1024)
+    row["peak_rss_mb"] = round(peak_kib / 1024)
+    return row
+
+
+def _cell(row: dict, base: dict | None, key: str, fmt: str) -> str:
+    """`row[key]` formatted, with its ratio to `base[key]` unless `row` is the base itself."""
+    value = row.get(key)
+    if value is None:
+        return "n/a"
+    text = format(value, fmt)
+    if base is not None and row is not base and base.get(key):
+        text += f" (x{value / base[key]:.2f})"
+    return text
+
+
+def ratio_table(rows: list[dict]) -> str:
+    """Markdown: per prompt length, base and each LiSA variant with its ratios to base."""
+    lines = ["| tokens | variant | peak memory MB (x base) | prefill s (x base) | decode tok/s (x base) |",
+             "|---|---|---|---|---|"]
+    for tokens in sorted({r["tokens"] for r in rows}):
+        group = [r for r in rows if r["tokens"] == tokens]
+        base = next((r for r in group if r["variant"] == "base"), None)
+        for r in group:
+            lines.append(f"| {tokens} | {r['variant']} | {_cell(r, base, 'peak_rss_mb', 'd')} | "
+                         f"{_cell(r, base, 'prefill_s', '.2f')} | {_cell(r, base, 'decode_tokens_per_s', '.2f')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated after the prompt")
+    parser.add_argument("--variants", nargs="+", default=["base", "lisa"])
+    parser.add_argument("--layers", default="demo", help="LiSA layers: 'demo', 'a-b' or 'a,b,c'")
+    parser.add_argument("--call", choices=["generate", "forward"], default="generate")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each run")
+    parser.add_argument("--model", default=None, help="base model path or name (default: the demo model)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    layers = parse_layers(args.layers)
+    if args.one:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        (tokens,) = args.tokens
+        print(json.dumps(run_one(args.one, tokens, args.new_tokens, args.call, layers, args.model)))
+        return 0
+    rows = []
+    for tokens in args.tokens:
+        for variant in args.variants:
+            command = [sys.executable, __file__, "--one", variant, "--tokens", str(tokens), "--new-tokens",
+                       str(args.new_tokens), "--call", args.call, "--layers", args.layers]
+            command += ["--threads", str(args.threads)] if args.threads else []
+            command += ["--model", args.model] if args.model else []
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                row = {"variant": variant, "tokens": tokens, "call": args.call,
+                       "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+            else:
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print()
+    print(ratio_table([r for r in rows if "error" not in r]))
+    out = args.out or RESULTS / f"prefill-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"layers": layers, "call": args.call, "new_tokens": args.new_tokens, "rows": rows},
+                              indent=1))
+    print(f"\nwritten: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""benchmarks/prefill.py: one run per variant through `generate` / `forward`, and the ratio table (tiny model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.prefill import parse_layers, ratio_table, run_one
+from tests.conftest import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_base")
+    tiny_llama().save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("variant", ["base", "lisa", "lisa-chunk=8"])
+def test_run_one_generate_measures_prefill_and_decode(tiny_path, variant):
+    row = run_one(variant, tokens=20, new_tokens=4, call="generate", layers=[3, 4, 5], model_path=tiny_path)
+    assert row["variant"] == variant and row["tokens"] == 20
+    assert row["prefill_s"] > 0 and row["decode_tokens_per_s"] > 0
+    assert row["peak_rss_mb"] >= row["loaded_rss_mb"] > 0
+
+
+def test_run_one_forward_and_bad_inputs(tiny_path):
+    row = run_one("lisa", tokens=12, new_tokens=0, call="forward", layers=[3, 4, 5], model_path=tiny_path)
+    assert row["prefill_s"] > 0 and "decode_tokens_per_s" not in row
+    with pytest.raises(ValueError, match="unknown variant"):
+        run_one("lora", tokens=12, new_tokens=0, call="forward", layers=[3], model_path=tiny_path)
+    with pytest.raises(ValueError, match="unknown call"):
+        run_one("base", tokens=12, new_tokens=0, call="score", layers=[3], model_path=tiny_path)
+
+
+def test_parse_layers_and_ratio_table():
+    assert parse_layers("demo")[:3] == [6, 7, 8] and len(parse_layers("demo")) == 12
+    assert parse_layers("3-5") == [3, 4, 5] and parse_layers("5,3") == [3, 5]
+    rows = [
+        {"variant": "base", "tokens": 1024, "peak_rss_mb": 1000, "prefill_s": 2.0, "decode_tokens_per_s": 10.0},
+        {"variant": "lisa", "tokens": 1024, "peak_rss_mb": 1100, "prefill_s": 3.0, "decode_tokens_per_s": 11.0},
+    ]
+    table = ratio_table(rows)
+    assert "| 1024 | lisa | 1100 (x1.10) | 3.00 (x1.50) | 11.00 (x1.10) |" in table
+    assert "| 1024 | base | 1000 | 2.00 | 10.00 |" in table
