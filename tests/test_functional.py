@@ -1,5 +1,6 @@
 """The PyTorch path's head-alignment FFN equals the per-(query, key) MLP of the spec, values and gradients."""
 
+import pytest
 import torch
 
 from lisa_peft.tuners.lisa import functional as LF
@@ -53,3 +54,27 @@ def test_head_ffn_without_grad_needs_no_autograd_graph():
     with torch.no_grad():
         out = LF.head_ffn(x, *params)
     assert out.grad_fn is None
+
+
+def _explicit_scores(aligned, q, k, scale, share):
+    """Independent: repeat each KV head's keys for its query heads, then the spec's combination."""
+    keys = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # [B, H, N, r]: query head h reads kv head h // g
+    delta = scale * torch.einsum("bhtr,bhnr->bhtn", q, keys)
+    base = aligned if share == "logits" else torch.log(torch.relu(aligned) + LF.PROBS_EPS)
+    return base + delta
+
+
+@pytest.mark.parametrize("share", ["logits", "probs"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_combine_scores_gqa_matches_explicit_delta(share, grad):
+    gen = torch.Generator().manual_seed(3)
+    aligned = torch.randn(2, 6, 5, 7, generator=gen, dtype=torch.float64)
+    q = torch.randn(2, 6, 5, 4, generator=gen, dtype=torch.float64, requires_grad=grad)
+    k = torch.randn(2, 3, 7, 4, generator=gen, dtype=torch.float64)  # G = 3 KV heads, 2 query heads each
+    want = _explicit_scores(aligned, q, k, 0.3, share)
+    with torch.set_grad_enabled(grad):
+        got = LF.combine_scores(aligned.clone(), q, k, 0.3, share)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    if grad:
+        upstream = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(torch.autograd.grad(got, q, upstream)[0], torch.autograd.grad(want, q, upstream)[0])

@@ -144,9 +144,8 @@ def lisa_logits(
 ) -> torch.Tensor:
     """This layer's pre-mask logits [B, H, T, N] from the previous layer's [B, H, T, N]."""
     prev = prev_logits.to(q_r.dtype)
-    delta = LF.grouped_scores(q_r, k_r, w.scaling)
     ffn_in = prev if w.share == "logits" else LF.masked_softmax(prev, mask, q_r.dtype)
-    return LF.combine_scores(head_ffn(w, ffn_in), delta, w.share)
+    return LF.combine_scores(head_ffn(w, ffn_in), q_r, k_r, w.scaling, w.share)
 
 
 def lisa_attention(

@@ -63,8 +63,9 @@ def grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tens
     """scale * q k^T with GQA: q [B, H, T, e], k [B, G, N, e] -> [B, H, T, N] (no K repeat)."""
     b, h, t, e = q.shape
     g = k.shape[1]
-    scores = torch.matmul(q.reshape(b, g, (h // g) * t, e), k.transpose(-1, -2))
-    return scores.view(b, h, t, k.shape[2]) * scale
+    # The scale goes on q ([B, H, T, e]), not on the [B, H, T, N] product: one pass over the scores fewer.
+    scores = torch.matmul(q.reshape(b, g, (h // g) * t, e) * scale, k.transpose(-1, -2))
+    return scores.view(b, h, t, k.shape[2])
 
 
 def grouped_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -141,8 +142,20 @@ def head_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tens
     return _head_ffn_forward(x, w1, b1, w2, b2)
 
 
-def combine_scores(aligned: torch.Tensor, delta: torch.Tensor, share: str) -> torch.Tensor:
-    """This layer's pre-mask logits from the aligned previous attention and the low-rank delta."""
-    if share == "logits":
-        return aligned + delta
-    return torch.log(F.relu(aligned) + PROBS_EPS) + delta
+def combine_scores(aligned: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float, share: str) -> torch.Tensor:
+    """This layer's pre-mask logits [B, H, T, N]: the aligned previous attention (mapped through
+    log(relu(.) + eps) when share="probs") plus the low-rank delta `scale * q k^T` (q [B, H, T, r],
+    k [B, G, N, r], GQA as in `grouped_scores`).
+
+    The delta is added by one `baddbmm` (scale and sum fused, no [B, H, T, N] delta tensor); under
+    no-grad it is written into `aligned` in place, which must then be a fresh tensor (the FFN output).
+    """
+    base = aligned if share == "logits" else torch.log(F.relu(aligned) + PROBS_EPS)
+    b, h, t, e = q.shape
+    g, n = k.shape[1], k.shape[2]
+    flat = base.reshape(b * g, (h // g) * t, n)
+    queries = q.reshape(b * g, (h // g) * t, e)
+    keys_t = k.reshape(b * g, n, e).transpose(1, 2)
+    if torch.is_grad_enabled() or not base.is_contiguous():
+        return torch.baddbmm(flat, queries, keys_t, alpha=scale).view(b, h, t, n)
+    return flat.baddbmm_(queries, keys_t, alpha=scale).view(b, h, t, n)
