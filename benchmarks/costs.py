@@ -13,6 +13,11 @@ LiSA (low rank r, head FFN width F):
   attention    low-rank QK: 2*H*N*r, PV: 2*H*N*D, head FFN on the previous logit row:
                2*N*(F*H + H*F) (two layers over the head axis per key)
   cache        k_r: G*N*r and V: G*N*D elements; previous layer's logits: H*N elements
+
+What the shipped Triton decode kernel executes (`lisa_decode_kernel_flops`) differs from the LiSA
+count above: one program per (sequence, kv head) computes the FFN hidden layer for all H heads
+(`W1`, G-fold redundant across the kv-head programs), and every `tl.dot` dimension is padded to a
+power of two >= 16 (`lisa_kernels._triton.pow2`), so a GQA group of g query heads runs 16-row dots.
 """
 
 from __future__ import annotations
@@ -97,3 +102,25 @@ def lisa_cost(m: ModelShape, n: int, bytes_per_el: int = 2) -> LayerCost:
         cache_bytes=bytes_per_el * (m.G * n * m.r + m.G * n * m.D),
         logit_bytes=bytes_per_el * m.H * n,
     )
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    """Next power of two >= n, at least `floor`: the padding of every `tl.dot` dimension in the kernels."""
+    p = 1
+    while p < n:
+        p *= 2
+    return max(floor, p)
+
+
+def lisa_decode_kernel_flops(m: ModelShape, n: int, block_n: int = 64) -> int:
+    """Attention FLOPs that `lisa_kernels.lisa_decode` executes for one new token at context `n`.
+
+    Per key tile of `block_n` keys, each of the G kv-head programs runs four padded `tl.dot`s:
+    W1 [pow2(F), pow2(H)] x prev tile, W2 rows of its g heads [pow2(g), pow2(F)] x hidden,
+    delta [pow2(g), pow2(r)] x k_r tile, P [pow2(g), block_n] x V tile [block_n, pow2(D)].
+    Keys are rounded up to whole tiles. Compare with `lisa_cost(m, n).attn_flops`.
+    """
+    g = m.H // m.G
+    per_key = 2 * (_pow2(m.F) * _pow2(m.H) + _pow2(g) * _pow2(m.F) + _pow2(g) * _pow2(m.r) + _pow2(g) * _pow2(m.D))
+    keys = -(-n // block_n) * block_n
+    return m.G * keys * per_key

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from benchmarks.analytic_costs import table
-from benchmarks.costs import LLAMA2_7B, LLAMA3_8B, ModelShape, full_attention_cost, lisa_cost, low_rank
+from benchmarks.analytic_costs import kernel_table, table
+from benchmarks.costs import (
+    LLAMA2_7B,
+    LLAMA3_8B,
+    ModelShape,
+    full_attention_cost,
+    lisa_cost,
+    lisa_decode_kernel_flops,
+    low_rank,
+)
 
 
 def test_low_rank_and_ffn_width():
@@ -43,3 +51,15 @@ def test_gqa_cache_is_smaller_and_table_renders():
     lines = text.splitlines()
     assert len(lines) == 4 and lines[2].startswith("| LLaMA-2-7B | 1024 | full |")
     assert "| LLaMA-2-7B | 1024 | LiSA | 22 | 64 |" in lines[3]
+
+
+def test_decode_kernel_flops_count_redundant_ffn_and_padding():
+    # tiny: H = 2, G = 1 (g = 2), F = 4, r = 2, D = 6: every dot dim pads to 16; N = 10 -> one tile of 64 keys.
+    m = ModelShape("tiny", d=12, H=2, G=1, D=6, layers=1)
+    assert lisa_decode_kernel_flops(m, 10) == 1 * 64 * 2 * (16 * 16 * 4)
+    # LLaMA-2-7B (MHA, G = 32): W1 [64, 32] per kv-head program, W2/delta/PV with 16 padded rows.
+    per_key = 2 * (64 * 32 + 16 * 64 + 16 * 32 + 16 * 128)
+    assert lisa_decode_kernel_flops(LLAMA2_7B, 4096) == 32 * 4096 * per_key
+    ratio = lisa_decode_kernel_flops(LLAMA2_7B, 4096) / lisa_cost(LLAMA2_7B, 4096).attn_flops
+    assert 19 < ratio < 22  # the "about 24x the FFN FLOPs" is this redundancy (all terms: ~20x)
+    assert "| LLaMA-2-7B | 4096 |" in kernel_table((LLAMA2_7B,), [4096])
