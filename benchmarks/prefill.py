@@ -146,6 +146,27 @@ def ratio_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def run_child(command: list[str], describe: dict) -> dict:
+    """Run one measurement in a fresh process; its last stdout line is the JSON row. On failure, the row is
+    `describe` plus the child's last stderr line as "error" (e.g. an out-of-memory kill), printed either way."""
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        row = {**describe, "error": (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]}
+    else:
+        row = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def write_results(name: str, out: Path | None, payload: dict) -> Path:
+    """Write `payload` as JSON to `out` or benchmarks/results/<name>-<time>.json; returns the path."""
+    out = out or RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=1))
+    print(f"\nwritten: {out}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
@@ -174,21 +195,11 @@ def main(argv: list[str] | None = None) -> int:
                        str(args.new_tokens), "--call", args.call, "--layers", args.layers]
             command += ["--threads", str(args.threads)] if args.threads else []
             command += ["--model", args.model] if args.model else []
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                row = {"variant": variant, "tokens": tokens, "call": args.call,
-                       "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
-            else:
-                row = json.loads(done.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            rows.append(run_child(command, {"variant": variant, "tokens": tokens, "call": args.call}))
     print()
     print(ratio_table([r for r in rows if "error" not in r]))
-    out = args.out or RESULTS / f"prefill-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"layers": layers, "call": args.call, "new_tokens": args.new_tokens, "rows": rows},
-                              indent=1))
-    print(f"\nwritten: {out}")
+    write_results("prefill", args.out, {"layers": layers, "call": args.call, "new_tokens": args.new_tokens,
+                                        "rows": rows})
     return 0
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,9 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.prefill import build_model, parse_layers  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.prefill import build_model, parse_layers, run_child, write_results  # noqa: E402
 
 
 def run_one(variant: str, seq_len: int, checkpointing: bool, layers: list[int], model_path: str | None = None) -> dict:
@@ -110,20 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                 command += ["--checkpointing"] if ckpt else []
                 command += ["--threads", str(args.threads)] if args.threads else []
                 command += ["--model", args.model] if args.model else []
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode != 0:
-                    row = {"variant": variant, "seq_len": seq_len, "checkpointing": ckpt,
-                           "error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
-                else:
-                    row = json.loads(done.stdout.strip().splitlines()[-1])
-                rows.append(row)
-                print(json.dumps(row), flush=True)
+                rows.append(run_child(command, {"variant": variant, "seq_len": seq_len, "checkpointing": ckpt}))
     print()
     print(table([r for r in rows if "error" not in r]))
-    out = args.out or RESULTS / f"train_memory-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"layers": layers, "rows": rows}, indent=1))
-    print(f"\nwritten: {out}")
+    write_results("train_memory", args.out, {"layers": layers, "rows": rows})
     return 0
 
 
