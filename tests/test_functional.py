@@ -78,3 +78,12 @@ def test_combine_scores_gqa_matches_explicit_delta(share, grad):
     if grad:
         upstream = torch.randn(want.shape, generator=gen, dtype=torch.float64)
         torch.testing.assert_close(torch.autograd.grad(got, q, upstream)[0], torch.autograd.grad(want, q, upstream)[0])
+
+
+def test_decode_step_without_mask_sees_every_key():
+    mask = LF.additive_mask(None, 1, 5, torch.float32, torch.device("cpu"))
+    assert mask.dim() == 0 and mask.item() == 0
+    logits = torch.randn(2, 3, 1, 5)
+    torch.testing.assert_close(LF.masked_softmax(logits, mask, torch.float32), logits.softmax(-1))
+    causal = LF.additive_mask(None, 2, 5, torch.float32, torch.device("cpu"))  # T > 1: last row sees all, first not
+    assert causal.shape == (1, 1, 2, 5) and causal[0, 0, 0, -1] < -1e30 and (causal[0, 0, 1] == 0).all()

@@ -16,13 +16,16 @@ PROBS_EPS = 1e-6
 def additive_mask(
     attention_mask: torch.Tensor | None, num_queries: int, num_keys: int, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    """The mask to add to logits, [B or 1, 1, T, N], with `finfo(dtype).min` where masked.
+    """The mask to add to logits, [B or 1, 1, T, N], with `finfo(dtype).min` where masked (a 0-dim zero
+    when nothing is: a decode step, T = 1, without a mask).
 
     `attention_mask` is what transformers hands to an attention module: `None` (plain causal,
     queries at the last T of N positions), a boolean [B, 1, T, >=N] (True = attend) or an
     additive float [B, 1, T, >=N].
     """
     minimum = torch.finfo(dtype).min
+    if attention_mask is None and num_queries == 1:
+        return torch.zeros((), dtype=dtype, device=device)  # one query at the last position sees every key
     if attention_mask is None:
         query_pos = torch.arange(num_keys - num_queries, num_keys, device=device)[:, None]
         allowed = torch.arange(num_keys, device=device)[None, :] <= query_pos
@@ -78,6 +81,8 @@ def grouped_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """softmax(logits + mask) over keys in float32, cast to `out_dtype` (as eager attention)."""
+    if mask.dim() == 0:  # `additive_mask`'s "nothing masked" (decode without a mask): skip adding zeros
+        return F.softmax(logits.float(), dim=-1).to(out_dtype)
     return F.softmax(logits.float() + mask.float(), dim=-1).to(out_dtype)
 
 
