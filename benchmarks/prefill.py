@@ -1,6 +1,6 @@
 """Long prompts, base vs LiSA, the way a user runs them: peak memory, prefill time, decode tokens/s.
 
-Usage: ``python benchmarks/prefill.py [--tokens 1024 2048 4096 8192 16384] [--new-tokens 16]
+Usage: ``python benchmarks/prefill.py [--tokens 1024 2048 4096 8192 16384] [--new-tokens 32]
 [--layers demo] [--variants base lisa] [--call generate] [--threads N] [--model PATH]``.
 
 Every (prompt length, variant) runs in a fresh process (the script re-runs itself with ``--one``), so
@@ -170,7 +170,7 @@ def write_results(name: str, out: Path | None, payload: dict) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated after the prompt")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated after the prompt")
     parser.add_argument("--variants", nargs="+", default=["base", "lisa"])
     parser.add_argument("--layers", default="demo", help="LiSA layers: 'demo', 'a-b' or 'a,b,c'")
     parser.add_argument("--call", choices=["generate", "forward"], default="generate")
