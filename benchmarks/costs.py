@@ -25,6 +25,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from lisa_kernels._triton import pow2  # the padding the kernels apply to every tl.dot dimension
+
 
 def low_rank(head_dim: int) -> int:
     """r = head_dim / 6 rounded up to an even integer (22 for D = 128)."""
@@ -104,14 +106,6 @@ def lisa_cost(m: ModelShape, n: int, bytes_per_el: int = 2) -> LayerCost:
     )
 
 
-def _pow2(n: int, floor: int = 16) -> int:
-    """Next power of two >= n, at least `floor`: the padding of every `tl.dot` dimension in the kernels."""
-    p = 1
-    while p < n:
-        p *= 2
-    return max(floor, p)
-
-
 def lisa_decode_kernel_flops(m: ModelShape, n: int, block_n: int = 64) -> int:
     """Attention FLOPs that `lisa_kernels.lisa_decode` executes for one new token at context `n`.
 
@@ -121,6 +115,6 @@ def lisa_decode_kernel_flops(m: ModelShape, n: int, block_n: int = 64) -> int:
     Keys are rounded up to whole tiles. Compare with `lisa_cost(m, n).attn_flops`.
     """
     g = m.H // m.G
-    per_key = 2 * (_pow2(m.F) * _pow2(m.H) + _pow2(g) * _pow2(m.F) + _pow2(g) * _pow2(m.r) + _pow2(g) * _pow2(m.D))
+    per_key = 2 * (pow2(m.F) * pow2(m.H) + pow2(g) * pow2(m.F) + pow2(g) * pow2(m.r) + pow2(g) * pow2(m.D))
     keys = -(-n // block_n) * block_n
     return m.G * keys * per_key
