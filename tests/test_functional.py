@@ -87,3 +87,64 @@ def test_decode_step_without_mask_sees_every_key():
     torch.testing.assert_close(LF.masked_softmax(logits, mask, torch.float32), logits.softmax(-1))
     causal = LF.additive_mask(None, 2, 5, torch.float32, torch.device("cpu"))  # T > 1: last row sees all, first not
     assert causal.shape == (1, 1, 2, 5) and causal[0, 0, 0, -1] < -1e30 and (causal[0, 0, 1] == 0).all()
+
+
+@pytest.mark.parametrize("share", ["logits", "probs"])
+@pytest.mark.parametrize("mask_kind", ["causal", "padding", "none"])
+def test_attention_in_row_tiles_equals_one_pass(share, mask_kind):
+    """`lisa_attention_rows` (inference, a few query rows at a time) gives what the one-pass composition gives."""
+    gen = torch.Generator().manual_seed(4)
+    b, h, g, t, n, r, d = 2, 6, 3, 7, 9, 4, 5  # T = 7 queries at the last 7 of N = 9 keys, GQA
+    prev = torch.randn(b, h, t, n, generator=gen, dtype=torch.float64)
+    q = torch.randn(b, h, t, r, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, g, n, r, generator=gen, dtype=torch.float64)
+    v = torch.randn(b, g, n, d, generator=gen, dtype=torch.float64)
+    w1, b1, w2, b2 = (torch.randn(*s, generator=gen, dtype=torch.float64) for s in ((12, h), (12,), (h, 12), (h,)))
+    if mask_kind == "padding":  # left padding: the first sequence's first 3 keys are padding
+        allowed = torch.ones(b, 1, t, n, dtype=torch.bool).tril(n - t)
+        allowed[0, ..., :3] = False
+        mask = LF.additive_mask(allowed, t, n, torch.float64, prev.device)
+    else:
+        mask = LF.additive_mask(None, 1 if mask_kind == "none" else t, n, torch.float64, prev.device)
+        if mask_kind == "none":
+            prev, q = prev[:, :, -1:], q[:, :, -1:]  # a decode step: one query, nothing masked
+    ffn_in = prev if share == "logits" else LF.masked_softmax(prev, mask, prev.dtype)
+    want_logits = LF.combine_scores(LF.head_ffn(ffn_in, w1, b1, w2, b2), q, k, 0.4, share)
+    want_probs = LF.masked_softmax(want_logits, mask, v.dtype)
+    want_out = LF.grouped_values(want_probs, v)
+    for rows in (1, 2, 3, prev.shape[2]):
+        logits, probs, out = LF.lisa_attention_rows(prev, q, k, v, w1, b1, w2, b2, mask, 0.4, share, rows)
+        torch.testing.assert_close(logits, want_logits, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(probs, want_probs, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out, want_out, rtol=1e-12, atol=1e-12)
+
+
+def test_query_tile_rows_stay_within_the_budget():
+    assert LF.query_tile_rows(256, 4096, 18, 4, budget=4 * 2**20) == 14  # 14 * 18 * 4096 * 4 B <= 4 MiB
+    assert LF.query_tile_rows(256, 16, 18, 4, budget=4 * 2**20) == 256  # never more rows than queries
+    assert LF.query_tile_rows(256, 10**9, 18, 4, budget=4 * 2**20) == 1  # at least one row
+
+
+def test_fully_masked_float64_row_is_finite():
+    """A left-padding query sees no key; in float64 the mask used to become -inf in the float32 softmax (NaN)."""
+    allowed = torch.zeros(1, 1, 1, 4, dtype=torch.bool)
+    mask = LF.additive_mask(allowed, 1, 4, torch.float64, torch.device("cpu"))
+    probs = LF.masked_softmax(torch.randn(1, 2, 1, 4, dtype=torch.float64), mask, torch.float64)
+    assert torch.isfinite(probs).all()
+
+
+def test_full_attention_in_row_tiles_equals_one_pass():
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 6, 7, 4, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, 3, 9, 4, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 3, 9, 5, generator=gen, dtype=torch.float64)
+    allowed = torch.ones(2, 1, 7, 9, dtype=torch.bool).tril(2)
+    allowed[1, ..., :2] = False
+    mask = LF.additive_mask(allowed, 7, 9, torch.float64, q.device)
+    want_logits = LF.grouped_scores(q, k, 0.5)
+    want_probs = LF.masked_softmax(want_logits, mask, v.dtype)
+    for rows in (1, 3, 7):
+        logits, probs, out = LF.full_attention_rows(q, k, v, mask, 0.5, rows)
+        torch.testing.assert_close(logits, want_logits, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(probs, want_probs, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out, LF.grouped_values(want_probs, v), rtol=1e-12, atol=1e-12)

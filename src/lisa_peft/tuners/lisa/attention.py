@@ -114,10 +114,14 @@ def anchor_attention(
         out, logits = anchor_kernel(q, k, v, w.scaling, plan)
         probs = None
     else:
-        logits = LF.grouped_scores(q, k, w.scaling)
-        mask = LF.additive_mask(attention_mask, q.shape[2], k.shape[2], logits.dtype, logits.device)
-        probs = LF.masked_softmax(logits, mask, v.dtype)
-        out = LF.grouped_values(probs, v)
+        mask = LF.additive_mask(attention_mask, q.shape[2], k.shape[2], q.dtype, q.device)
+        if torch.is_grad_enabled():
+            logits = LF.grouped_scores(q, k, w.scaling)
+            probs = LF.masked_softmax(logits, mask, v.dtype)
+            out = LF.grouped_values(probs, v)
+        else:  # inference: a few query rows at a time (see LF.lisa_attention_rows)
+            rows = LF.query_tile_rows(q.shape[2], k.shape[2], 2 * w.num_heads, q.element_size())
+            logits, probs, out = LF.full_attention_rows(q, k, v, mask, w.scaling, rows)
     out = state.publish(w.layer_idx, logits, out)
     return attention_output(w.o_proj, out), probs
 
@@ -176,10 +180,17 @@ def lisa_attention(
         out, logits = lisa_kernel(prev, q_r, k_r, v, up, down, w.scaling, w.share, plan)
         return attention_output(w.o_proj, state.publish(w.layer_idx, logits, out)), None
     mask = LF.additive_mask(attention_mask, q_r.shape[2], k_r.shape[2], q_r.dtype, q_r.device)
-    logits = lisa_logits(w, q_r, k_r, prev, mask)
-    probs = LF.masked_softmax(logits, mask, v.dtype)
-    out = state.publish(w.layer_idx, logits, LF.grouped_values(probs, v))
-    return attention_output(w.o_proj, out), probs
+    if torch.is_grad_enabled():
+        logits = lisa_logits(w, q_r, k_r, prev, mask)
+        probs = LF.masked_softmax(logits, mask, v.dtype)
+        out = LF.grouped_values(probs, v)
+    else:  # inference: the same numbers, computed a few query rows at a time (see LF.lisa_attention_rows)
+        rows = LF.query_tile_rows(q_r.shape[2], k_r.shape[2], up.weight.shape[0], q_r.element_size())
+        logits, probs, out = LF.lisa_attention_rows(
+            prev.to(q_r.dtype), q_r, k_r, v, up.weight, up.bias, down.weight, down.bias,
+            mask, w.scaling, w.share, rows,
+        )
+    return attention_output(w.o_proj, state.publish(w.layer_idx, logits, out)), probs
 
 
 __all__ = [

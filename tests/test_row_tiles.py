@@ -1,0 +1,56 @@
+"""Inference computes LiSA layers a few query rows at a time (`functional.lisa_attention_rows`): the model's
+outputs, attentions and cache equal those of the one-pass computation that training uses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from lisa_peft import LisaConfig
+from lisa_peft.transformers_compat import output_cache
+from lisa_peft.tuners.lisa import functional as LF
+from tests.conftest import VOCAB, tiny_llama
+
+
+def _model(kv_heads: int, share: str):
+    model = get_peft_model(tiny_llama(kv_heads), LisaConfig(lisa_layers=[2, 3, 5], share=share)).eval()
+    gen = torch.Generator().manual_seed(5)
+    for name, param in model.named_parameters():  # a non-trivial FFN and delta (identity init hides row mix-ups)
+        if "lisa_" in name:
+            param.data.add_(0.3 * torch.randn(param.shape, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("share", ["logits", "probs"])
+def test_row_tiles_equal_the_one_pass_forward(kv_heads, share, monkeypatch):
+    model = _model(kv_heads, share)
+    ids = torch.randint(3, VOCAB, (2, 11), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    kwargs = dict(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=True)
+    with torch.enable_grad():  # the one-pass path (what training runs)
+        want = model(**kwargs)
+    tiles = []
+
+    def spy(name):
+        original = getattr(LF, name)
+
+        def counted(*args):
+            tiles.append((name, args[-1]))
+            return original(*args)
+
+        monkeypatch.setattr(LF, name, counted)
+
+    spy("lisa_attention_rows")
+    spy("full_attention_rows")  # the anchors
+    monkeypatch.setattr(LF, "TILE_HIDDEN_BYTES", 1)  # one query row per tile
+    with torch.no_grad():
+        got = model(**kwargs)
+    assert {name for name, _ in tiles} == {"lisa_attention_rows", "full_attention_rows"}
+    assert {rows for _, rows in tiles} == {1}
+    torch.testing.assert_close(got.logits, want.logits.detach(), atol=1e-5, rtol=1e-4)
+    for a, b in zip(got.attentions, want.attentions):
+        torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=1e-4)
+    for layer, ref in zip(output_cache(got).layers, output_cache(want).layers):
+        torch.testing.assert_close(layer.keys, ref.keys.detach(), atol=1e-6, rtol=1e-4)
