@@ -3,6 +3,8 @@ outputs, attentions and cache equal those of the one-pass computation that train
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from peft import get_peft_model
@@ -11,6 +13,22 @@ from lisa_peft import LisaConfig
 from lisa_peft.transformers_compat import output_cache
 from lisa_peft.tuners.lisa import functional as LF
 from tests.conftest import VOCAB, tiny_llama
+
+
+def _spy_on_tiles(monkeypatch) -> list[tuple[str, dict]]:
+    """Record (function name, bound arguments) of every call of the two row-tiled attention functions."""
+    calls = []
+    for name in ("lisa_attention_rows", "full_attention_rows"):
+        original = getattr(LF, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            bound = inspect.signature(_original).bind(*args, **kwargs)
+            bound.apply_defaults()
+            calls.append((_name, bound.arguments))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(LF, name, counted)
+    return calls
 
 
 def _model(kv_heads: int, share: str):
@@ -31,26 +49,36 @@ def test_row_tiles_equal_the_one_pass_forward(kv_heads, share, monkeypatch):
     kwargs = dict(input_ids=ids, attention_mask=mask, output_attentions=True, use_cache=True)
     with torch.enable_grad():  # the one-pass path (what training runs)
         want = model(**kwargs)
-    tiles = []
-
-    def spy(name):
-        original = getattr(LF, name)
-
-        def counted(*args):
-            tiles.append((name, args[-1]))
-            return original(*args)
-
-        monkeypatch.setattr(LF, name, counted)
-
-    spy("lisa_attention_rows")
-    spy("full_attention_rows")  # the anchors
+    tiles = _spy_on_tiles(monkeypatch)
     monkeypatch.setattr(LF, "TILE_HIDDEN_BYTES", 1)  # one query row per tile
     with torch.no_grad():
         got = model(**kwargs)
-    assert {name for name, _ in tiles} == {"lisa_attention_rows", "full_attention_rows"}
-    assert {rows for _, rows in tiles} == {1}
+    assert {name for name, _ in tiles} == {"lisa_attention_rows", "full_attention_rows"}  # LiSA layers, anchors
+    assert {args["rows"] for _, args in tiles} == {1}
+    assert all(args["need_probs"] for _, args in tiles)  # output_attentions hooks read them
     torch.testing.assert_close(got.logits, want.logits.detach(), atol=1e-5, rtol=1e-4)
     for a, b in zip(got.attentions, want.attentions):
         torch.testing.assert_close(a, b.detach(), atol=1e-6, rtol=1e-4)
     for layer, ref in zip(output_cache(got).layers, output_cache(want).layers):
         torch.testing.assert_close(layer.keys, ref.keys.detach(), atol=1e-6, rtol=1e-4)
+
+
+def test_inference_keeps_no_probabilities_that_nothing_reads(monkeypatch):
+    model = _model(2, "logits")
+    ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(7))
+    with torch.enable_grad():
+        want = model(input_ids=ids).logits.detach()
+    tiles = _spy_on_tiles(monkeypatch)
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+    assert tiles and not any(args["need_probs"] for _, args in tiles)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    seen = []
+    attn = model.get_base_model().model.layers[3].self_attn  # a LiSA layer
+    handle = attn.base_layer.register_forward_hook(lambda module, args, output: seen.append(output[1]))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        handle.remove()
+    assert seen and seen[0] is not None and seen[0].shape == (1, 4, 9, 9)  # a hook reads them: kept

@@ -91,7 +91,8 @@ class LisaLlamaAttention(nn.Module):
         """hidden_states [B, T, d] -> (output [B, T, d], probabilities [B, H, T, N] or None on the kernels)."""
         state = _pop_state(kwargs, self.layer_idx)
         cache = compat.pop_cache(kwargs, self.layer_idx)
-        return LA.lisa_attention(self.lisa_weights(), hidden_states, position_embeddings, attention_mask, cache, state)
+        return LA.lisa_attention(self.lisa_weights(), hidden_states, position_embeddings, attention_mask, cache, state,
+                                 need_probs=LA.outputs_observed(self))
 
 
 class LisaLlamaAnchorAttention(LlamaAttention):
@@ -115,7 +116,8 @@ class LisaLlamaAnchorAttention(LlamaAttention):
         state = _pop_state(kwargs, self.layer_idx)
         cache = compat.pop_cache(kwargs, self.layer_idx)
         return LA.anchor_attention(
-            self.anchor_weights(), hidden_states, position_embeddings, attention_mask, cache, state
+            self.anchor_weights(), hidden_states, position_embeddings, attention_mask, cache, state,
+            need_probs=LA.outputs_observed(self),
         )
 
 

@@ -89,6 +89,12 @@ def explicit_mask(
     return compat.static_cache_mask(cache, layer_idx, num_queries, num_keys, cache.layers[layer_idx].keys.device)
 
 
+def outputs_observed(*modules: nn.Module) -> bool:
+    """Whether a forward hook may read an attention module's outputs (transformers records
+    `output_attentions` with forward hooks on the attention modules; so do other tools)."""
+    return bool(nn.modules.module._global_forward_hooks) or any(m._forward_hooks for m in modules)
+
+
 def anchor_attention(
     w: AnchorWeights,
     hidden_states: torch.Tensor,
@@ -96,10 +102,13 @@ def anchor_attention(
     attention_mask: torch.Tensor | None,
     cache: Any,
     state: LisaForwardState,
+    need_probs: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Full attention that publishes its pre-mask logits -> (output [B, T, d], probabilities or None).
 
     On the Triton kernel when `dispatch.kernel_plan` says so (then the probabilities are None, as with sdpa).
+    need_probs=False (nothing observes the module's outputs): inference returns None for the
+    probabilities instead of keeping a [B, H, T, N] tensor that nobody reads; training always has them.
     """
     q = project(w.q_proj, hidden_states, w.num_heads)
     k = project(w.k_proj, hidden_states, w.num_kv_heads)
@@ -121,7 +130,7 @@ def anchor_attention(
             out = LF.grouped_values(probs, v)
         else:  # inference: a few query rows at a time (see LF.lisa_attention_rows)
             rows = LF.query_tile_rows(q.shape[2], k.shape[2], 2 * w.num_heads, q.element_size())
-            logits, probs, out = LF.full_attention_rows(q, k, v, mask, w.scaling, rows)
+            logits, probs, out = LF.full_attention_rows(q, k, v, mask, w.scaling, rows, need_probs)
     out = state.publish(w.layer_idx, logits, out)
     return attention_output(w.o_proj, out), probs
 
@@ -159,8 +168,10 @@ def lisa_attention(
     attention_mask: torch.Tensor | None,
     cache: Any,
     state: LisaForwardState,
+    need_probs: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """LiSA attention -> (output [B, T, d], probabilities or None on the kernels). Caches only Kr and V."""
+    """LiSA attention -> (output [B, T, d], probabilities or None on the kernels or when not
+    `need_probs` at inference, as in `anchor_attention`). Caches only Kr and V."""
     q_r, k_r = lisa_projections(w, hidden_states, position_embeddings)
     v = project(w.v_proj, hidden_states, w.num_kv_heads)
     # The low-rank keys are stored at the base model's precision (V's dtype), whatever lisa_dtype is,
@@ -188,7 +199,7 @@ def lisa_attention(
         rows = LF.query_tile_rows(q_r.shape[2], k_r.shape[2], up.weight.shape[0], q_r.element_size())
         logits, probs, out = LF.lisa_attention_rows(
             prev.to(q_r.dtype), q_r, k_r, v, up.weight, up.bias, down.weight, down.bias,
-            mask, w.scaling, w.share, rows,
+            mask, w.scaling, w.share, rows, need_probs,
         )
     return attention_output(w.o_proj, state.publish(w.layer_idx, logits, out)), probs
 
@@ -203,6 +214,7 @@ __all__ = [
     "lisa_attention",
     "lisa_logits",
     "lisa_projections",
+    "outputs_observed",
     "project",
     "select_rotary_for",
 ]

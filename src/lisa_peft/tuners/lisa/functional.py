@@ -184,8 +184,8 @@ def query_tile_rows(num_queries: int, num_keys: int, hidden_features: int, items
 def lisa_attention_rows(
     prev: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-    mask: torch.Tensor, scale: float, share: str, rows: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mask: torch.Tensor, scale: float, share: str, rows: int, need_probs: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """A LiSA layer's logits, probabilities [B, H, T, N] and P V [B, H, T, D], `rows` query rows at a time.
 
     prev [B, H, T, N] (the previous layer's logits), q [B, H, T, r], k [B, G, N, r], v [B, G, N, D],
@@ -196,11 +196,12 @@ def lisa_attention_rows(
     reuse the same memory tile after tile. Allocations of tens of MB are fresh pages from the
     kernel every time (glibc serves them with mmap), and touching fresh pages cost more than the
     arithmetic: [1, 9, 256, 4096] fp32, 2 CPU cores: the FFN alone 142 ms on fresh memory, 71 ms on
-    reused memory. For inference (no autograd graph through the tiles).
+    reused memory. For inference (no autograd graph through the tiles). need_probs=False: the
+    probabilities are not kept (returned as None), as with sdpa, when nothing reads them.
     """
     b, h, t, n = prev.shape
     logits = torch.empty((b, h, t, n), dtype=q.dtype, device=q.device)
-    probs = torch.empty((b, h, t, n), dtype=v.dtype, device=v.device)
+    probs = torch.empty((b, h, t, n), dtype=v.dtype, device=v.device) if need_probs else None
     outputs = []
     for start in range(0, t, rows):
         tile = slice(start, start + rows)
@@ -211,30 +212,33 @@ def lisa_attention_rows(
         scores = combine_scores(head_ffn(x, w1, b1, w2, b2), q[:, :, tile], k, scale, share)
         logits[:, :, tile] = scores
         tile_probs = masked_softmax(scores, tile_mask, v.dtype)
-        probs[:, :, tile] = tile_probs
+        if probs is not None:
+            probs[:, :, tile] = tile_probs
         outputs.append(grouped_values(tile_probs, v))
     return logits, probs, torch.cat(outputs, dim=2)
 
 
 def full_attention_rows(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, rows: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    need_probs: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """An anchor layer's logits, probabilities [B, H, T, N] and P V [B, H, T, D], `rows` query rows at a time.
 
     q [B, H, T, e], k [B, G, N, e], v [B, G, N, D]; the same numbers as `grouped_scores` +
     `masked_softmax` + `grouped_values` over all rows, with the temporaries (the masked logits) one tile
-    at a time, as in `lisa_attention_rows`. For inference.
+    at a time, as in `lisa_attention_rows` (need_probs as there). For inference.
     """
     b, h, t, _ = q.shape
     n = k.shape[2]
     logits = torch.empty((b, h, t, n), dtype=q.dtype, device=q.device)
-    probs = torch.empty((b, h, t, n), dtype=v.dtype, device=v.device)
+    probs = torch.empty((b, h, t, n), dtype=v.dtype, device=v.device) if need_probs else None
     outputs = []
     for start in range(0, t, rows):
         tile = slice(start, start + rows)
         scores = grouped_scores(q[:, :, tile], k, scale)
         logits[:, :, tile] = scores
         tile_probs = masked_softmax(scores, mask if mask.dim() == 0 else mask[..., tile, :], v.dtype)
-        probs[:, :, tile] = tile_probs
+        if probs is not None:
+            probs[:, :, tile] = tile_probs
         outputs.append(grouped_values(tile_probs, v))
     return logits, probs, torch.cat(outputs, dim=2)

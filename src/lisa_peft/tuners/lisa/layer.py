@@ -242,7 +242,8 @@ class LisaAttention(nn.Module, BaseTunerLayer):
     def _anchor_forward(self, adapter, hidden_states, position_embeddings, attention_mask, cache, state):
         """Full attention that publishes its pre-mask logits (`attention.anchor_attention`)."""
         return LA.anchor_attention(
-            self.anchor_weights(adapter), hidden_states, position_embeddings, attention_mask, cache, state
+            self.anchor_weights(adapter), hidden_states, position_embeddings, attention_mask, cache, state,
+            need_probs=LA.outputs_observed(self, self.base_layer),
         )
 
     def lisa_projections(
@@ -260,7 +261,8 @@ class LisaAttention(nn.Module, BaseTunerLayer):
     def _lisa_forward(self, adapter, hidden_states, position_embeddings, attention_mask, cache, state):
         """LiSA attention (`attention.lisa_attention`); on the Triton kernels when dispatch.py says so."""
         return LA.lisa_attention(
-            self.lisa_weights(adapter), hidden_states, position_embeddings, attention_mask, cache, state
+            self.lisa_weights(adapter), hidden_states, position_embeddings, attention_mask, cache, state,
+            need_probs=LA.outputs_observed(self, self.base_layer),
         )
 
     def head_ffn(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
