@@ -6,6 +6,8 @@ H = G * g query heads per KV head (GQA); query head h reads KV head h // g.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -199,19 +201,31 @@ def lisa_attention_rows(
     reused memory. For inference (no autograd graph through the tiles). need_probs=False: the
     probabilities are not kept (returned as None), as with sdpa, when nothing reads them.
     """
-    b, h, t, n = prev.shape
+    def scores(tile: slice, tile_mask: torch.Tensor) -> torch.Tensor:
+        x = prev[:, :, tile]
+        if share == "probs":
+            x = masked_softmax(x, tile_mask, q.dtype)
+        return combine_scores(head_ffn(x, w1, b1, w2, b2), q[:, :, tile], k, scale, share)
+
+    return _attend_in_rows(scores, prev.shape[2], k.shape[2], q, v, mask, rows, need_probs)
+
+
+def _attend_in_rows(
+    scores_of: Callable[[slice, torch.Tensor], torch.Tensor], t: int, n: int, q: torch.Tensor, v: torch.Tensor,
+    mask: torch.Tensor, rows: int, need_probs: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The tile loop of `lisa_attention_rows` / `full_attention_rows`: `scores_of(tile, tile_mask)` gives
+    the pre-mask logits [B, H, rows, N] of a tile; returns logits, probabilities (or None) and P V."""
+    b, h = q.shape[:2]
     logits = torch.empty((b, h, t, n), dtype=q.dtype, device=q.device)
     probs = torch.empty((b, h, t, n), dtype=v.dtype, device=v.device) if need_probs else None
     outputs = []
     for start in range(0, t, rows):
         tile = slice(start, start + rows)
         tile_mask = mask if mask.dim() == 0 else mask[..., tile, :]
-        x = prev[:, :, tile]
-        if share == "probs":
-            x = masked_softmax(x, tile_mask, q.dtype)
-        scores = combine_scores(head_ffn(x, w1, b1, w2, b2), q[:, :, tile], k, scale, share)
-        logits[:, :, tile] = scores
-        tile_probs = masked_softmax(scores, tile_mask, v.dtype)
+        tile_scores = scores_of(tile, tile_mask)
+        logits[:, :, tile] = tile_scores
+        tile_probs = masked_softmax(tile_scores, tile_mask, v.dtype)
         if probs is not None:
             probs[:, :, tile] = tile_probs
         outputs.append(grouped_values(tile_probs, v))
@@ -228,17 +242,5 @@ def full_attention_rows(
     `masked_softmax` + `grouped_values` over all rows, with the temporaries (the masked logits) one tile
     at a time, as in `lisa_attention_rows` (need_probs as there). For inference.
     """
-    b, h, t, _ = q.shape
-    n = k.shape[2]
-    logits = torch.empty((b, h, t, n), dtype=q.dtype, device=q.device)
-    probs = torch.empty((b, h, t, n), dtype=v.dtype, device=v.device) if need_probs else None
-    outputs = []
-    for start in range(0, t, rows):
-        tile = slice(start, start + rows)
-        scores = grouped_scores(q[:, :, tile], k, scale)
-        logits[:, :, tile] = scores
-        tile_probs = masked_softmax(scores, mask if mask.dim() == 0 else mask[..., tile, :], v.dtype)
-        if probs is not None:
-            probs[:, :, tile] = tile_probs
-        outputs.append(grouped_values(tile_probs, v))
-    return logits, probs, torch.cat(outputs, dim=2)
+    return _attend_in_rows(lambda tile, _mask: grouped_scores(q[:, :, tile], k, scale),
+                           q.shape[2], k.shape[2], q, v, mask, rows, need_probs)
