@@ -8,7 +8,8 @@ import torch
 from peft import get_peft_model
 
 from lisa_peft import LisaAttention, LisaConfig
-from lisa_peft.tuners.lisa.state import LisaForwardState
+from lisa_peft.tuners.lisa.chunked import set_prefill_chunk_size
+from lisa_peft.tuners.lisa.state import LisaForwardState, LogitBuffers
 from tests.conftest import tiny_llama
 
 LISA_LAYERS = [2, 3, 5]  # anchors 1 and 4; layer 3's and 5's logits have no reader
@@ -99,3 +100,48 @@ def test_state_is_made_per_forward_with_the_grad_mode_of_the_call(input_ids):
         hook.remove()
     assert seen == [True, True, False]
     assert isinstance(model.get_base_model().model.layers[2].self_attn, LisaAttention)
+
+
+def test_logit_buffers_alternate_two_storages_and_grow():
+    buffers = LogitBuffers()
+    shape = (1, 2, 3, 4)
+    first, second, third = (buffers.empty(shape, torch.float32, torch.device("cpu")) for _ in range(3))
+    assert first.untyped_storage().data_ptr() == third.untyped_storage().data_ptr()
+    assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+    assert third.shape == shape and third.is_contiguous()
+    bigger = buffers.empty((1, 2, 3, 8), torch.float32, torch.device("cpu"))  # second's turn, too small
+    assert bigger.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+    assert buffers.allocations == 3
+    other_dtype = buffers.empty(shape, torch.float64, torch.device("cpu"))
+    assert other_dtype.dtype == torch.float64 and buffers.allocations == 4
+
+
+def test_only_an_inference_state_reuses_logits_memory():
+    cpu = torch.device("cpu")
+    kept = LisaForwardState(release_consumed=False)
+    storages = {kept.empty_logits((2, 3), torch.float32, cpu).untyped_storage().data_ptr() for _ in range(3)}
+    assert len(storages) == 3  # training keeps every layer's logits: never shared
+    released = LisaForwardState(release_consumed=True)
+    storages = {released.empty_logits((2, 3), torch.float32, cpu).untyped_storage().data_ptr() for _ in range(3)}
+    assert len(storages) == 2
+
+
+def test_a_forward_and_a_chunked_prefill_allocate_two_logits_storages(input_ids, monkeypatch):
+    made: list[LogitBuffers] = []
+    original_init = LogitBuffers.__init__
+
+    def record(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(LogitBuffers, "__init__", record)
+    config = LisaConfig(lisa_layers=LISA_LAYERS, prefill_chunk_size=4)
+    model = get_peft_model(tiny_llama(), config).eval()
+    with torch.no_grad():
+        chunked = model(input_ids).logits
+        assert len(made) == 1 and made[0].allocations == 2  # one pool for all chunks, sized for the last
+        made.clear()
+        set_prefill_chunk_size(model, None)
+        whole = model(input_ids).logits
+    assert len(made) == 1 and made[0].allocations == 2  # five publishing layers, two storages
+    torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-4)

@@ -130,7 +130,8 @@ def anchor_attention(
             out = LF.grouped_values(probs, v)
         else:  # inference: a few query rows at a time (see LF.lisa_attention_rows)
             rows = LF.query_tile_rows(q.shape[2], k.shape[2], 2 * w.num_heads, q.element_size())
-            logits, probs, out = LF.full_attention_rows(q, k, v, mask, w.scaling, rows, need_probs)
+            logits_out = state.empty_logits((q.shape[0], w.num_heads, q.shape[2], k.shape[2]), q.dtype, q.device)
+            logits, probs, out = LF.full_attention_rows(q, k, v, mask, w.scaling, rows, need_probs, logits_out)
     out = state.publish(w.layer_idx, logits, out)
     return attention_output(w.o_proj, out), probs
 
@@ -197,9 +198,10 @@ def lisa_attention(
         out = LF.grouped_values(probs, v)
     else:  # inference: the same numbers, computed a few query rows at a time (see LF.lisa_attention_rows)
         rows = LF.query_tile_rows(q_r.shape[2], k_r.shape[2], up.weight.shape[0], q_r.element_size())
+        logits_out = state.empty_logits(tuple(prev.shape), q_r.dtype, q_r.device)
         logits, probs, out = LF.lisa_attention_rows(
             prev.to(q_r.dtype), q_r, k_r, v, up.weight, up.bias, down.weight, down.bias,
-            mask, w.scaling, w.share, rows, need_probs,
+            mask, w.scaling, w.share, rows, need_probs, logits_out,
         )
     return attention_output(w.o_proj, state.publish(w.layer_idx, logits, out)), probs
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ... import transformers_compat as compat
-from .state import LisaForwardState
+from .state import LisaForwardState, LogitBuffers
 
 # Stack-forward arguments that chunking slices or passes on; a call with any other non-None one runs in one pass.
 _HANDLED = {"input_ids", "inputs_embeds", "attention_mask", "position_ids", "use_cache", "lisa_state",
@@ -101,13 +101,16 @@ def chunked_stack_forward(stack: nn.Module, *args: Any, **kwargs: Any) -> Any:
     inputs = kwargs.pop(name)
     kwargs.pop("input_ids" if name == "inputs_embeds" else "inputs_embeds", None)
     hidden, output = [], None
+    # One pair of logits storages for all chunks, sized for the last one (state.LogitBuffers).
+    capacity = inputs.shape[0] * stack.config.num_attention_heads * min(size, total) * (past + total)
+    buffers = LogitBuffers(capacity=capacity)
     for start in range(0, total, size):
         end = min(start + size, total)
         chunk = {name: inputs[:, start:end], "attention_mask": None if mask is None else mask[:, : past + end]}
         if positions is not None:
             chunk["position_ids"] = positions[..., start:end]
         output = forward(stack, **chunk, **compat.cache_kwargs(cache), use_cache=True,
-                         lisa_state=LisaForwardState(), **kwargs)
+                         lisa_state=LisaForwardState(buffers=buffers), **kwargs)
         hidden.append(output.last_hidden_state)
     return compat.model_output(type(output), cache if use_cache else None, last_hidden_state=torch.cat(hidden, dim=1))
 

@@ -187,6 +187,7 @@ def lisa_attention_rows(
     prev: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
     mask: torch.Tensor, scale: float, share: str, rows: int, need_probs: bool = True,
+    logits_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """A LiSA layer's logits, probabilities [B, H, T, N] and P V [B, H, T, D], `rows` query rows at a time.
 
@@ -199,7 +200,9 @@ def lisa_attention_rows(
     kernel every time (glibc serves them with mmap), and touching fresh pages cost more than the
     arithmetic: [1, 9, 256, 4096] fp32, 2 CPU cores: the FFN alone 142 ms on fresh memory, 71 ms on
     reused memory. For inference (no autograd graph through the tiles). need_probs=False: the
-    probabilities are not kept (returned as None), as with sdpa, when nothing reads them.
+    probabilities are not kept (returned as None), as with sdpa, when nothing reads them. logits_out:
+    a contiguous [B, H, T, N] tensor to write the logits into (reused memory,
+    `LisaForwardState.empty_logits`); a new one if None.
     """
     def scores(tile: slice, tile_mask: torch.Tensor) -> torch.Tensor:
         x = prev[:, :, tile]
@@ -207,17 +210,26 @@ def lisa_attention_rows(
             x = masked_softmax(x, tile_mask, q.dtype)
         return combine_scores(head_ffn(x, w1, b1, w2, b2), q[:, :, tile], k, scale, share)
 
-    return _attend_in_rows(scores, prev.shape[2], k.shape[2], q, v, mask, rows, need_probs)
+    return _attend_in_rows(scores, prev.shape[2], k.shape[2], q, v, mask, rows, need_probs, logits_out)
 
 
 def _attend_in_rows(
     scores_of: Callable[[slice, torch.Tensor], torch.Tensor], t: int, n: int, q: torch.Tensor, v: torch.Tensor,
-    mask: torch.Tensor, rows: int, need_probs: bool,
+    mask: torch.Tensor, rows: int, need_probs: bool, logits_out: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The tile loop of `lisa_attention_rows` / `full_attention_rows`: `scores_of(tile, tile_mask)` gives
-    the pre-mask logits [B, H, rows, N] of a tile; returns logits, probabilities (or None) and P V."""
+    the pre-mask logits [B, H, rows, N] of a tile; returns logits (`logits_out` if given), probabilities
+    (or None) and P V."""
     b, h = q.shape[:2]
-    logits = torch.empty((b, h, t, n), dtype=q.dtype, device=q.device)
+    if logits_out is None:
+        logits = torch.empty((b, h, t, n), dtype=q.dtype, device=q.device)
+    elif logits_out.shape != (b, h, t, n) or logits_out.dtype != q.dtype or not logits_out.is_contiguous():
+        raise ValueError(
+            f"logits_out must be a contiguous {q.dtype} tensor of shape {(b, h, t, n)}, got "
+            f"{logits_out.dtype} {tuple(logits_out.shape)} (contiguous: {logits_out.is_contiguous()})."
+        )
+    else:
+        logits = logits_out
     probs = torch.empty((b, h, t, n), dtype=v.dtype, device=v.device) if need_probs else None
     outputs = []
     for start in range(0, t, rows):
@@ -234,13 +246,13 @@ def _attend_in_rows(
 
 def full_attention_rows(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, rows: int,
-    need_probs: bool = True,
+    need_probs: bool = True, logits_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """An anchor layer's logits, probabilities [B, H, T, N] and P V [B, H, T, D], `rows` query rows at a time.
 
     q [B, H, T, e], k [B, G, N, e], v [B, G, N, D]; the same numbers as `grouped_scores` +
     `masked_softmax` + `grouped_values` over all rows, with the temporaries (the masked logits) one tile
-    at a time, as in `lisa_attention_rows` (need_probs as there). For inference.
+    at a time, as in `lisa_attention_rows` (need_probs and logits_out as there). For inference.
     """
     return _attend_in_rows(lambda tile, _mask: grouped_scores(q[:, :, tile], k, scale),
-                           q.shape[2], k.shape[2], q, v, mask, rows, need_probs)
+                           q.shape[2], k.shape[2], q, v, mask, rows, need_probs, logits_out)

@@ -23,9 +23,18 @@ held by the state, besides the ones the running layer is computing. A state crea
 on keeps every entry until the forward ends: autograd holds them anyway, and both checkpointing
 modes re-read them on recompute (reentrant checkpointing runs its first forward under `no_grad`
 *inside* a grad-enabled stack forward, so the decision is taken once, when the state is made).
+
+Inference also reuses the logits' memory (`LogitBuffers`, `LisaForwardState.empty_logits`). A layer's
+logits are [B, H, T, N]: tens of MB for a prompt of a few thousand tokens, which the C allocator serves
+as fresh pages from the kernel every time (glibc uses mmap above its threshold), and first-touching
+those pages cost about as much as computing the logits. Since at most two layers' logits are alive at a
+time (the one being read and the one being written), two storages handed out in turn serve a whole
+forward, and, with `chunked.py` passing one `LogitBuffers` to all its chunks, a whole chunked prefill.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -44,15 +53,57 @@ class _InjectGrad(torch.autograd.Function):
         return grad_out, extra_grad, None
 
 
+class LogitBuffers:
+    """Two flat storages handed out in turn for inference logits ("ping-pong").
+
+    Tensor k of `empty` shares memory with tensor k + 2 and with no other. That is safe for logits
+    because a LiSA layer reads only the previous layer's logits, written by the previous call, while it
+    writes its own into the other storage, and nothing reads a layer's logits after the next layer has
+    run (the state has released them). `capacity`: minimum elements per storage, so that a growing N
+    (the chunks of one prefill) does not reallocate.
+    """
+
+    def __init__(self, capacity: int = 0) -> None:
+        self.capacity = capacity
+        self._storages: list[torch.Tensor | None] = [None, None]
+        self._turn = 0
+        self.allocations = 0  # storages allocated so far (2 for a whole forward or chunked prefill)
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An uninitialised contiguous tensor of `shape` in the next storage (reallocated when too small)."""
+        numel = math.prod(shape)
+        turn, self._turn = self._turn, 1 - self._turn
+        storage = self._storages[turn]
+        if storage is None or storage.numel() < numel or storage.dtype != dtype or storage.device != device:
+            storage = torch.empty(max(numel, self.capacity), dtype=dtype, device=device)
+            self._storages[turn] = storage
+            self.allocations += 1
+        return storage[:numel].view(shape)
+
+
 class LisaForwardState:
     """Logits handed between layers during one forward pass of the decoder stack."""
 
-    def __init__(self, release_consumed: bool | None = None) -> None:
-        """release_consumed: forget logits once read (inference); None = `not torch.is_grad_enabled()`."""
+    def __init__(self, release_consumed: bool | None = None, buffers: LogitBuffers | None = None) -> None:
+        """release_consumed: forget logits once read (inference); None = `not torch.is_grad_enabled()`.
+        buffers: where `empty_logits` takes inference logits from (a new `LogitBuffers` if None)."""
         self.release_consumed = not torch.is_grad_enabled() if release_consumed is None else release_consumed
+        self._buffers = buffers
         self._logits: dict[int, torch.Tensor] = {}
         self._made_with_grad: dict[int, bool] = {}
         self._bridges: dict[int, torch.Tensor] = {}
+
+    def empty_logits(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """Memory for a layer's logits [B, H, T, N] that the layer fills completely and then publishes.
+
+        Reused memory (`LogitBuffers`) when the state releases consumed logits (inference); a fresh
+        tensor otherwise, since every entry is then kept until the forward ends.
+        """
+        if self.release_consumed:
+            if self._buffers is None:
+                self._buffers = LogitBuffers()
+            return self._buffers.empty(shape, dtype, device)
+        return torch.empty(shape, dtype=dtype, device=device)
 
     def live_logits(self) -> int:
         """Number of logits tensors the state holds now."""
