@@ -17,6 +17,10 @@ first new token, decode tokens/s is ``(S - 1) / (last - first)``. ``--call forwa
 ``model(input_ids=ids)`` (what perplexity code runs: logits for every position). The prompt is
 random token ids (the cost does not depend on the text; the LiSA weights are the identity init).
 
+``--repeats N`` runs every (length, variant) N times, in rounds that alternate the variant order
+(forward, then reversed), and the table shows the median of each figure with its ratio to the base's
+median: on a shared CPU one pair of runs can differ by 20 % or more in either direction.
+
 Peak memory is ``ru_maxrss`` of the process (model, prompt, cache, temporaries: what the OS sees).
 Prints one JSON line per run, then a Markdown table with the LiSA / base ratios, and writes the
 rows to ``benchmarks/results/prefill-<time>.json``. Ratios are measured side by side in one run;
@@ -146,6 +150,26 @@ def ratio_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def median_rows(rows: list[dict]) -> list[dict]:
+    """One row per (tokens, variant): the median of each measured figure over its runs ("runs": how many),
+    in the order of first appearance. Rows with an "error" are left out."""
+    import statistics
+
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if "error" not in row:
+            groups.setdefault((row["tokens"], row["variant"]), []).append(row)
+    merged = []
+    for group in groups.values():
+        row = dict(group[0], runs=len(group))
+        for key in ("prefill_s", "decode_tokens_per_s", "peak_rss_mb", "loaded_rss_mb"):
+            values = [r[key] for r in group if r.get(key) is not None]
+            if values:
+                row[key] = round(statistics.median(values), 3) if key.endswith("_s") else statistics.median(values)
+        merged.append(row)
+    return merged
+
+
 def run_child(command: list[str], describe: dict) -> dict:
     """Run one measurement in a fresh process; its last stdout line is the JSON row. On failure, the row is
     `describe` plus the child's last stderr line as "error" (e.g. an out-of-memory kill), printed either way."""
@@ -177,9 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in each run")
     parser.add_argument("--model", default=None, help="base model path or name (default: the demo model)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per cell (medians; alternating order)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     layers = parse_layers(args.layers)
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.one:
         if args.threads:
             import torch
@@ -190,14 +217,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for tokens in args.tokens:
-        for variant in args.variants:
+        for variant in [v for round_ in range(args.repeats)
+                        for v in (args.variants if round_ % 2 == 0 else args.variants[::-1])]:
             command = [sys.executable, __file__, "--one", variant, "--tokens", str(tokens), "--new-tokens",
                        str(args.new_tokens), "--call", args.call, "--layers", args.layers]
             command += ["--threads", str(args.threads)] if args.threads else []
             command += ["--model", args.model] if args.model else []
             rows.append(run_child(command, {"variant": variant, "tokens": tokens, "call": args.call}))
     print()
-    print(ratio_table([r for r in rows if "error" not in r]))
+    if args.repeats > 1:
+        print(f"medians of {args.repeats} runs per cell")
+    print(ratio_table(median_rows(rows)))
     write_results("prefill", args.out, {"layers": layers, "call": args.call, "new_tokens": args.new_tokens,
                                         "rows": rows})
     return 0

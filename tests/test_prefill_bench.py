@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.prefill import parse_layers, ratio_table, run_one
+from benchmarks.prefill import main, median_rows, parse_layers, ratio_table, run_one
 from tests.conftest import tiny_llama
 
 
@@ -42,3 +42,23 @@ def test_parse_layers_and_ratio_table():
     table = ratio_table(rows)
     assert "| 1024 | lisa | 1100 (x1.10) | 3.00 (x1.50) | 11.00 (x1.10) |" in table
     assert "| 1024 | base | 1000 | 2.00 | 10.00 |" in table
+
+
+def test_median_rows_take_the_median_per_cell_and_skip_errors():
+    rows = [
+        {"variant": "base", "tokens": 8, "prefill_s": 2.0, "peak_rss_mb": 100, "decode_tokens_per_s": 5.0},
+        {"variant": "lisa", "tokens": 8, "prefill_s": 9.0, "peak_rss_mb": 110, "decode_tokens_per_s": None},
+        {"variant": "lisa", "tokens": 8, "prefill_s": 3.0, "peak_rss_mb": 130},
+        {"variant": "lisa", "tokens": 8, "error": "Killed"},
+        {"variant": "base", "tokens": 8, "prefill_s": 4.0, "peak_rss_mb": 120, "decode_tokens_per_s": 7.0},
+        {"variant": "lisa", "tokens": 8, "prefill_s": 4.0, "peak_rss_mb": 120},
+    ]
+    base, lisa = median_rows(rows)
+    assert (base["variant"], base["runs"], base["prefill_s"], base["peak_rss_mb"]) == ("base", 2, 3.0, 110)
+    assert base["decode_tokens_per_s"] == 6.0
+    assert (lisa["runs"], lisa["prefill_s"], lisa["peak_rss_mb"], lisa["decode_tokens_per_s"]) == (3, 4.0, 120, None)
+
+
+def test_repeats_must_be_positive():
+    with pytest.raises(SystemExit):
+        main(["--repeats", "0"])
