@@ -165,7 +165,8 @@ def median_rows(rows: list[dict]) -> list[dict]:
         for key in ("prefill_s", "decode_tokens_per_s", "peak_rss_mb", "loaded_rss_mb"):
             values = [r[key] for r in group if r.get(key) is not None]
             if values:
-                row[key] = round(statistics.median(values), 3) if key.endswith("_s") else statistics.median(values)
+                median = statistics.median(values)
+                row[key] = round(median) if key.endswith("_mb") else round(median, 3)
         merged.append(row)
     return merged
 

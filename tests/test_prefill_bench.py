@@ -55,7 +55,8 @@ def test_median_rows_take_the_median_per_cell_and_skip_errors():
     ]
     base, lisa = median_rows(rows)
     assert (base["variant"], base["runs"], base["prefill_s"], base["peak_rss_mb"]) == ("base", 2, 3.0, 110)
-    assert base["decode_tokens_per_s"] == 6.0
+    assert base["decode_tokens_per_s"] == 6.0 and isinstance(base["peak_rss_mb"], int)
+    assert "| 8 | lisa | 120 (x1.09) | 4.00 (x1.33) | n/a |" in ratio_table([base, lisa])  # even counts too
     assert (lisa["runs"], lisa["prefill_s"], lisa["peak_rss_mb"], lisa["decode_tokens_per_s"]) == (3, 4.0, 120, None)
 
 
