@@ -72,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Per-layer decode cost of one new token ({args.bytes_per_element}-byte elements; "
           "softmax, RoPE, norms and the MLP block excluded; LiSA r = ceil(D/6) rounded up to even, F = 2H).\n")
     print(table(MODELS, args.contexts, args.bytes_per_element))
-    print("\nWhat the shipped Triton decode kernel executes (lisa_kernels/decode.py: the FFN hidden layer is "
-          "recomputed by each of the G kv-head programs; tl.dot dimensions padded to powers of two >= 16; "
+    print("\nWhat the shipped Triton decode kernels execute (lisa_kernels/decode.py: the head FFN once per key "
+          "tile for all heads, then softmax and P.V per kv head; tl.dot dimensions padded to powers of two >= 16; "
           "fp32 'ieee' dots):\n")
     print(kernel_table(MODELS, args.contexts))
     return 0

@@ -14,10 +14,10 @@ LiSA (low rank r, head FFN width F):
                2*N*(F*H + H*F) (two layers over the head axis per key)
   cache        k_r: G*N*r and V: G*N*D elements; previous layer's logits: H*N elements
 
-What the shipped Triton decode kernel executes (`lisa_decode_kernel_flops`) differs from the LiSA
-count above: one program per (sequence, kv head) computes the FFN hidden layer for all H heads
-(`W1`, G-fold redundant across the kv-head programs), and every `tl.dot` dimension is padded to a
-power of two >= 16 (`lisa_kernels._triton.pow2`), so a GQA group of g query heads runs 16-row dots.
+What the shipped Triton decode kernels execute (`lisa_decode_kernel_flops`) differs from the LiSA
+count above by padding: the logits pass computes the head FFN once per key tile for all H heads,
+but every `tl.dot` dimension is padded to a power of two >= 16 (`lisa_kernels._triton.pow2`), so
+the softmax / P·V pass runs 16-row dots for a GQA group of g < 16 query heads (MHA: g = 1).
 """
 
 from __future__ import annotations
@@ -109,12 +109,14 @@ def lisa_cost(m: ModelShape, n: int, bytes_per_el: int = 2) -> LayerCost:
 def lisa_decode_kernel_flops(m: ModelShape, n: int, block_n: int = 64) -> int:
     """Attention FLOPs that `lisa_kernels.lisa_decode` executes for one new token at context `n`.
 
-    Per key tile of `block_n` keys, each of the G kv-head programs runs four padded `tl.dot`s:
-    W1 [pow2(F), pow2(H)] x prev tile, W2 rows of its g heads [pow2(g), pow2(F)] x hidden,
-    delta [pow2(g), pow2(r)] x k_r tile, P [pow2(g), block_n] x V tile [block_n, pow2(D)].
+    Per key tile of `block_n` keys: the logits pass runs, once for all heads, W1 [pow2(F), pow2(H)] x
+    prev tile and W2 [pow2(H), pow2(F)] x hidden as padded `tl.dot`s and the low-rank delta as
+    element-wise multiply-adds over pow2(H) rows and r planes; then each of the G kv-head programs
+    of the softmax / P·V pass runs P [pow2(g), block_n] x V tile [block_n, pow2(D)].
     Keys are rounded up to whole tiles. Compare with `lisa_cost(m, n).attn_flops`.
     """
     g = m.H // m.G
-    per_key = 2 * (pow2(m.F) * pow2(m.H) + pow2(g) * pow2(m.F) + pow2(g) * pow2(m.r) + pow2(g) * pow2(m.D))
+    logits_pass = 2 * (2 * pow2(m.F) * pow2(m.H) + pow2(m.H) * m.r)
+    pv_pass = m.G * 2 * pow2(g) * pow2(m.D)
     keys = -(-n // block_n) * block_n
-    return m.G * keys * per_key
+    return keys * (logits_pass + pv_pass)

@@ -1,34 +1,34 @@
-"""Triton kernel: fused LiSA decode step (one new query token per sequence).
+"""Triton kernels: fused LiSA decode step (one new query token per sequence).
 
-Program grid and why
---------------------
-The head-alignment FFN mixes the H heads of each key position, so whoever computes the
-logits of a key tile needs the ``prev_logits`` rows of *all* H heads for that tile.  The P·V
-product, on the other hand, wants the query heads that share one kv head together (GQA), so that
-a V tile is read once and fed to a single ``tl.dot``.  We therefore launch one program per
-(batch b, kv head, key split) -- the flash-decoding layout -- and in every program, for each key
-tile of its split:
+Two passes and why
+------------------
+The head-alignment FFN mixes the H heads of each key position, so whoever computes the logits of
+a key tile needs the ``prev_logits`` rows of *all* H heads for that tile. The P·V product, on the
+other hand, wants the query heads that share one kv head together (GQA), so that a V tile is read
+once and fed to a single ``tl.dot``. The step therefore runs as two kernels:
 
-1. load ``prev[b, :, tile]`` for all H heads (``[H, BLOCK_N]``, a few KiB) and compute the FFN
-   hidden layer ``relu(W1 @ X + b1)`` (``[F, BLOCK_N]``) with ``tl.dot``;
-2. keep only the g query heads of this kv group: ``A = W2[heads] @ hidden + b2[heads]``;
-3. low-rank scores from the compressed cache: ``Delta = (scale * q_r[heads]) @ k_r[kv]^T``;
-4. ``S = A + Delta`` (or ``log(relu(A) + 1e-6) + Delta`` for share="probs"), written to the
-   logits output for every key, masked or not;
-5. online softmax per head over the valid keys and ``acc += P @ V[kv, tile]``.
+1. ``_lisa_decode_logits_kernel``, one program per (batch b, key tile): load ``prev[b, :, tile]``
+   for all H heads (``[H, BLOCK_N]``), compute the FFN once, ``A = W2 relu(W1 X + b1) + b2``
+   (two ``tl.dot``), add the low-rank delta ``scale * q_r[h] . k_r[h // g]`` for every head
+   (element-wise products accumulated over the r planes: r is small), and write the pre-mask logits
+   ``S = A + Delta`` (or ``log(relu(A) + 1e-6) + Delta`` for share="probs") for every key, masked
+   or not, since the next layer reads them all;
+2. ``_decode_softmax_pv_kernel``, one program per (batch, kv head, key split), the flash-decoding
+   layout: read the logits of the g query heads of the group, online softmax over the valid keys,
+   ``acc += P @ V[kv, tile]``; a third tiny kernel (``_combine_splits_kernel``) merges the splits'
+   ``(m, l, acc)`` partials.
 
-The FFN hidden layer is recomputed by each of the G kv-group programs of a key tile (G-fold
-redundant ``2*F*H`` flops per key).  At decode this is cheap: it costs far less than the bytes we
-stream (V and k_r caches), and the repeated ``prev`` tile reads hit L2.  The alternative -- one
-program per (batch, key split) for all H heads -- would need one P·V ``tl.dot`` per kv head or
-a batched dot whose M dimension is g (1 for MHA, too small for tensor cores), and an
-``[H, D]`` fp32 accumulator.  Splitting keys over programs keeps the GPU busy at small batch;
-a second tiny kernel combines the per-split ``(m, l, acc)`` partials.  V is loaded only for
-valid keys (``j < lengths[b]``), so padding beyond a sequence's length costs no V bandwidth;
-the logits of those keys are still computed and written because the next layer reads them.
+Design (ours, issue #8): an earlier single fused kernel ran pass 1 inside every kv-group program, so
+the FFN hidden layer was recomputed G times per key tile (up to 32x for MHA models, about 20x the
+FLOPs the cost model counts for LLaMA-2-7B at 4k). Splitting the passes computes it once, at the
+price of writing and reading back the fp32 logits, [B, H, N]: 4H bytes per key against the 2GD
+bytes per key of an fp16 V cache it streams anyway (LLaMA-2-7B: 128 vs 8192). The logits that the
+second pass reads are that fp32 scratch; the returned logits are cast to V's dtype.
+``benchmarks/costs.lisa_decode_kernel_flops`` counts what these kernels execute.
 
-share="probs" needs the masked softmax statistics of ``prev`` before the fused pass; they come
-from one extra streaming read of ``prev`` (:mod:`lisa_kernels._row_stats`).
+V is loaded only for valid keys (``j < lengths[b]``), so padding beyond a sequence's length costs
+no V bandwidth. share="probs" needs the masked softmax statistics of ``prev`` before pass 1; they
+come from one extra streaming read of ``prev`` (:mod:`lisa_kernels._row_stats`).
 
 All math is fp32; ``tl.dot`` on fp32 operands uses ``input_precision="ieee"``; P is rounded to
 V's dtype for the P·V dot when V is fp16/bf16 (as flash attention does).
@@ -50,89 +50,101 @@ _EPS = tl.constexpr(PROBS_EPS)
 
 
 @triton.jit
-def _lisa_decode_kernel(
-    prev_ptr, q_ptr, k_ptr, v_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
-    stat_m_ptr, stat_l_ptr, len_ptr,
-    logits_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+def _lisa_decode_logits_kernel(
+    prev_ptr, q_ptr, k_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr,
+    stat_m_ptr, stat_l_ptr, len_ptr, scores_ptr,
     stride_pb, stride_ph, stride_pn,
     stride_qb, stride_qh, stride_qr,
     stride_kb, stride_kg, stride_kn, stride_kr,
+    scale, H, GROUP, N, R, F,
+    SHARE_PROBS: tl.constexpr, HAS_LEN: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_F: tl.constexpr,
+):
+    b = tl.program_id(0)
+    tile = tl.program_id(1)
+    b64 = b.to(tl.int64)
+    offs_h = tl.arange(0, BLOCK_H)
+    h_ok = offs_h < H
+    offs_f = tl.arange(0, BLOCK_F)
+    f_ok = offs_f < F
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+
+    w1 = tl.load(w1_ptr + offs_f[:, None] * H + offs_h[None, :], mask=f_ok[:, None] & h_ok[None, :],
+                 other=0.0).to(tl.float32)
+    b1 = tl.load(b1_ptr + offs_f, mask=f_ok, other=0.0).to(tl.float32)
+    w2 = tl.load(w2_ptr + offs_h[:, None] * F + offs_f[None, :], mask=h_ok[:, None] & f_ok[None, :],
+                 other=0.0).to(tl.float32)
+    b2 = tl.load(b2_ptr + offs_h, mask=h_ok, other=0.0).to(tl.float32)
+
+    # 1. previous layer's logits (or probabilities) of all heads for the tile: [BLOCK_H, BLOCK_N]
+    x = tl.load(prev_ptr + b64 * stride_pb + offs_h[:, None] * stride_ph + offs_n[None, :] * stride_pn,
+                mask=h_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+    if SHARE_PROBS:
+        seq_len = N
+        if HAS_LEN:
+            seq_len = tl.minimum(tl.load(len_ptr + b).to(tl.int32), N)
+        pm = tl.load(stat_m_ptr + b * H + offs_h, mask=h_ok, other=0.0)
+        pl = tl.load(stat_l_ptr + b * H + offs_h, mask=h_ok, other=1.0)
+        valid = n_ok & (offs_n < seq_len)
+        x = tl.exp(tl.where(valid[None, :], x, _NEG) - pm[:, None]) / pl[:, None]
+        x = tl.where(h_ok[:, None] & n_ok[None, :], x, 0.0)
+    # 2. head-alignment FFN, once for all heads: [BLOCK_H, BLOCK_N]
+    hidden = tl.maximum(tl.dot(w1, x, input_precision="ieee") + b1[:, None], 0.0)
+    a = tl.dot(w2, hidden, input_precision="ieee") + b2[:, None]
+    # 3. low-rank delta: query head h against the compressed keys of kv head h // GROUP, one rotary
+    #    plane at a time (r is small; a [H, r, BLOCK_N] product would not fit in registers)
+    q_base = q_ptr + b64 * stride_qb + offs_h * stride_qh
+    k_rows = k_ptr + b64 * stride_kb + (offs_h // GROUP)[:, None] * stride_kg + offs_n[None, :] * stride_kn
+    delta = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+    for i in range(0, R):
+        qi = tl.load(q_base + i * stride_qr, mask=h_ok, other=0.0).to(tl.float32)
+        ki = tl.load(k_rows + i * stride_kr, mask=h_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        delta += qi[:, None] * ki
+    delta = delta * scale
+    # 4. combine and write the pre-mask logits (fp32 scratch)
+    if SHARE_PROBS:
+        s = tl.log(tl.maximum(a, 0.0) + _EPS) + delta
+    else:
+        s = a + delta
+    tl.store(scores_ptr + (b64 * H + offs_h[:, None]) * N + offs_n[None, :], s, mask=h_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _decode_softmax_pv_kernel(
+    scores_ptr, v_ptr, len_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
     stride_vb, stride_vg, stride_vn, stride_vd,
-    scale, H, G, GROUP, N, R, D, F, KEYS_PER_SPLIT, NUM_SPLITS,
-    SHARE_PROBS: tl.constexpr, HAS_LEN: tl.constexpr, PV_F32: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_F: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, G, GROUP, N, D, KEYS_PER_SPLIT, NUM_SPLITS,
+    HAS_LEN: tl.constexpr, PV_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // G
     kvh = pid % G
     b64 = b.to(tl.int64)
-
-    offs_h = tl.arange(0, BLOCK_H)  # all query heads (FFN input)
-    h_ok = offs_h < H
-    offs_f = tl.arange(0, BLOCK_F)
-    f_ok = offs_f < F
     offs_g = tl.arange(0, BLOCK_G)  # query heads of this kv group
     g_ok = offs_g < GROUP
     heads = kvh * GROUP + offs_g
-    offs_r = tl.arange(0, BLOCK_R)
-    r_ok = offs_r < R
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-
-    # Per-program constants: FFN weights (W1 whole, W2 rows of this group) and the scaled query.
-    w1 = tl.load(w1_ptr + offs_f[:, None] * H + offs_h[None, :], mask=f_ok[:, None] & h_ok[None, :],
-                 other=0.0).to(tl.float32)
-    b1 = tl.load(b1_ptr + offs_f, mask=f_ok, other=0.0).to(tl.float32)
-    w2 = tl.load(w2_ptr + heads[:, None] * F + offs_f[None, :], mask=g_ok[:, None] & f_ok[None, :],
-                 other=0.0).to(tl.float32)
-    b2 = tl.load(b2_ptr + heads, mask=g_ok, other=0.0).to(tl.float32)
-    q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_r[None, :] * stride_qr,
-                mask=g_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32) * scale
-    if SHARE_PROBS:
-        pm = tl.load(stat_m_ptr + b * H + offs_h, mask=h_ok, other=0.0)
-        pl = tl.load(stat_l_ptr + b * H + offs_h, mask=h_ok, other=1.0)
     seq_len = N
     if HAS_LEN:
         seq_len = tl.minimum(tl.load(len_ptr + b).to(tl.int32), N)
-
-    prev_base = prev_ptr + b64 * stride_pb
-    k_base = k_ptr + b64 * stride_kb + kvh * stride_kg
     v_base = v_ptr + b64 * stride_vb + kvh * stride_vg
-    out_base = logits_ptr + b64 * H * N
+    rows = (b64 * H + heads) * N
 
     m_i = tl.full([BLOCK_G], _NEG, tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-
     start = split * KEYS_PER_SPLIT
     end = tl.minimum(start + KEYS_PER_SPLIT, N)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < end
         valid = n_ok & (offs_n < seq_len)
-        # 1. previous layer's logits (or probabilities) for all heads of the tile: [BLOCK_H, BLOCK_N]
-        x = tl.load(prev_base + offs_h[:, None] * stride_ph + offs_n[None, :] * stride_pn,
-                    mask=h_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-        if SHARE_PROBS:
-            x = tl.exp(tl.where(valid[None, :], x, _NEG) - pm[:, None]) / pl[:, None]
-            x = tl.where(h_ok[:, None] & n_ok[None, :], x, 0.0)
-        # 2. head-alignment FFN, keeping the output rows of this group's heads: [BLOCK_G, BLOCK_N]
-        hidden = tl.maximum(tl.dot(w1, x, input_precision="ieee") + b1[:, None], 0.0)
-        a = tl.dot(w2, hidden, input_precision="ieee") + b2[:, None]
-        # 3. low-rank delta from the compressed key cache
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_r[:, None] * stride_kr,
-                     mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
-        delta = tl.dot(q, kt, input_precision="ieee")
-        # 4. combine and write the pre-mask logits
-        if SHARE_PROBS:
-            s = tl.log(tl.maximum(a, 0.0) + _EPS) + delta
-        else:
-            s = a + delta
-        tl.store(out_base + heads[:, None] * N + offs_n[None, :], s.to(logits_ptr.dtype.element_ty),
-                 mask=g_ok[:, None] & n_ok[None, :])
-        # 5. online softmax over valid keys; tile padding beyond the split is -inf (never counted)
+        s = tl.load(scores_ptr + rows[:, None] + offs_n[None, :], mask=g_ok[:, None] & n_ok[None, :], other=0.0)
+        # online softmax over valid keys; tile padding beyond the split is -inf (never counted)
         s = tl.where(valid[None, :], s, _NEG)
         s = tl.where(n_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -208,7 +220,7 @@ def lisa_decode(
     block_n: int | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused LiSA decode step (Triton).
+    """LiSA decode step (Triton: logits pass, then softmax and P·V; module docstring).
 
     Shapes: prev_logits [B, H, N] (previous layer's pre-mask logits), q_r [B, H, r], k_r [B, G, N, r],
     v [B, G, N, D], w1 [F, H], b1 [F], w2 [H, F], b2 [H], lengths [B] int or None (key j valid iff
@@ -218,7 +230,7 @@ def lisa_decode(
     dims = check_lisa_inputs(prev_logits, q_r, k_r, v, w1, b1, w2, b2, share, lengths, prefill=False)
     scale = check_scale(scale)
     check_launch(
-        _lisa_decode_kernel, prev_logits=prev_logits, q_r=q_r, k_r=k_r, v=v, w1=w1, b1=b1, w2=w2, b2=b2,
+        _lisa_decode_logits_kernel, prev_logits=prev_logits, q_r=q_r, k_r=k_r, v=v, w1=w1, b1=b1, w2=w2, b2=b2,
         lengths=lengths,
     )
     B, H, G, N, r, D, F = dims.B, dims.H, dims.G, dims.N, dims.r, dims.D, dims.F
@@ -239,28 +251,32 @@ def lisa_decode(
     else:
         stat_m = stat_l = torch.empty(1, dtype=torch.float32, device=dev)
 
-    logits = torch.empty((B, H, N), dtype=v.dtype, device=dev)
+    scores = torch.empty((B, H, N), dtype=torch.float32, device=dev)
     out = torch.empty((B, H, D), dtype=v.dtype, device=dev)
     part_acc = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=dev)
     part_m = torch.empty((B, H, num_splits), dtype=torch.float32, device=dev)
     part_l = torch.empty_like(part_m)
     # The interpreter multiplies raw bf16 bit patterns in tl.dot (triton-lang/triton#11584), so under
     # TRITON_INTERPRET=1 bf16 P.V is done on fp32 copies of the bf16-rounded operands.
-    interp_bf16 = is_interpreted(_lisa_decode_kernel) and v.dtype == torch.bfloat16
+    interp_bf16 = is_interpreted(_decode_softmax_pv_kernel) and v.dtype == torch.bfloat16
     pv_f32 = v.dtype == torch.float32 or interp_bf16
+    len_arg = lengths_i if lengths_i is not None else stat_m
 
-    _lisa_decode_kernel[(B * G, num_splits)](
-        prev_logits, q_r, k_r, v, w1c, b1c, w2c, b2c,
-        stat_m, stat_l, lengths_i if lengths_i is not None else stat_m,
-        logits, part_acc, part_m, part_l,
-        *prev_logits.stride(), *q_r.stride(), *k_r.stride(), *v.stride(),
-        scale, H, G, H // G, N, r, D, F, keys_per_split, num_splits,
-        SHARE_PROBS=share_probs, HAS_LEN=lengths_i is not None, PV_F32=pv_f32,
-        BLOCK_N=block_n, BLOCK_H=pow2(H), BLOCK_G=pow2(H // G), BLOCK_F=pow2(F),
-        BLOCK_R=pow2(r), BLOCK_D=pow2(D),
+    _lisa_decode_logits_kernel[(B, n_tiles)](
+        prev_logits, q_r, k_r, w1c, b1c, w2c, b2c, stat_m, stat_l, len_arg, scores,
+        *prev_logits.stride(), *q_r.stride(), *k_r.stride(),
+        scale, H, H // G, N, r, F,
+        SHARE_PROBS=share_probs, HAS_LEN=lengths_i is not None,
+        BLOCK_N=block_n, BLOCK_H=pow2(H), BLOCK_F=pow2(F),
+    )
+    _decode_softmax_pv_kernel[(B * G, num_splits)](
+        scores, v, len_arg, part_acc, part_m, part_l, *v.stride(),
+        H, G, H // G, N, D, keys_per_split, num_splits,
+        HAS_LEN=lengths_i is not None, PV_F32=pv_f32,
+        BLOCK_N=block_n, BLOCK_G=pow2(H // G), BLOCK_D=pow2(D),
     )
     _combine_splits_kernel[(B * H,)](
         part_acc, part_m, part_l, out, num_splits, D,
         BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=pow2(D),
     )
-    return out, logits
+    return out, scores if v.dtype == torch.float32 else scores.to(v.dtype)

@@ -29,7 +29,7 @@ def test_conftest_selects_the_interpreter():
     assert os.environ["TRITON_INTERPRET"] == "1"
     assert triton_available()
     require_triton()
-    assert is_interpreted(decode._lisa_decode_kernel)
+    assert is_interpreted(decode._lisa_decode_logits_kernel)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
