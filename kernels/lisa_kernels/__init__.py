@@ -1,8 +1,9 @@
 """Triton inference kernels of LiSA (cross-layer attention sharing) with PyTorch references.
 
 * :func:`lisa_decode` / :func:`lisa_decode_reference` -- one new token: head FFN + low-rank scores once
-  for all heads, then softmax + P·V per kv head (two kernels), returning the output and the pre-mask logits for the next LiSA layer.
-* :func:`lisa_prefill` / :func:`lisa_prefill_reference` -- the same for T causal queries.
+  for all heads, then softmax + P·V per kv head (two kernels), returning the output and the pre-mask
+  logits for the next LiSA layer.
+* :func:`lisa_prefill` / :func:`lisa_prefill_reference` -- T causal queries, one fused kernel.
 * :func:`anchor_attention` / :func:`anchor_attention_reference` -- full attention that also returns
   its pre-mask logits (the layers feeding a LiSA layer).
 
