@@ -1,13 +1,15 @@
 """Triton kernel: anchor (full) attention that also writes its pre-mask logits ``S = scale * q k^T``.
 
 The full-attention layers that feed a LiSA layer must hand it their logits, so besides the
-attention output this kernel writes ``S`` for every key (masked or not).
+attention output this kernel writes ``S`` for every visible key. Key tiles that no query of a
+query tile sees are written as zeros instead of computed (design, ours: every layer applies the
+same mask, so those entries are never read unmasked).
 
 Program grid: one program per (batch b, kv head, tile of BLOCK_T queries); its rows are the g query
 heads sharing that kv head times the BLOCK_T queries (row ``gi * BLOCK_T + t``), so each K / V
 tile is loaded once per GQA group and used in one ``tl.dot``.  Keys are streamed in BLOCK_N tiles
 with an online softmax.  Tiles before the last key visible to the query tile do softmax and P·V;
-later tiles only compute and write S.  Masking: query t of batch b sees key j iff
+later tiles only write zeros.  Masking: query t of batch b sees key j iff
 ``j < lengths[b]`` (when lengths is given) and ``j <= causal_offset + t`` (``causal_offset``
 defaults to N - T: decode T = 1 sees all keys, prefill is causal at the last T positions).
 Decode (T = 1) is not split over keys: B * G programs.
@@ -95,18 +97,12 @@ def _anchor_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    # Remaining key tiles: masked for every query of the tile, logits only.
+    # Remaining key tiles: masked for every query of the tile. Their logits are never read unmasked
+    # (every layer applies the same mask), so they are written as zeros, not computed.
+    zero = tl.zeros([BLOCK_G * BLOCK_T, BLOCK_N], dtype=logits_ptr.dtype.element_ty)
     for n0 in range(tl.cdiv(kv_end, BLOCK_N) * BLOCK_N, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        if QK_F32:
-            s = tl.dot(q, kt.to(tl.float32), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, kt) * scale
-        tl.store(logits_ptr + row_off[:, None] + offs_n[None, :], s.to(logits_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & n_ok[None, :])
+        tl.store(logits_ptr + row_off[:, None] + offs_n[None, :], zero, mask=row_ok[:, None] & (offs_n[None, :] < N))
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # fully masked rows: out = 0, never NaN
     out = acc / l_safe[:, None]
@@ -132,7 +128,8 @@ def anchor_attention(
     Shapes: q [B, H, T, D], k and v [B, G, N, D] (H divisible by G), lengths [B] int or None.
     Query t of batch b sees key j iff ``j < lengths[b]`` (if given) and ``j <= causal_offset + t``
     (``causal_offset`` defaults to N - T).  Returns out [B, H, T, D] and ``scale * q k^T``
-    [B, H, T, N], both in ``v.dtype``.  A query that sees no key gets out = 0 (the reference gives
+    [B, H, T, N], both in ``v.dtype`` (zero in key tiles that no query of a query tile sees; the
+    reference computes those too).  A query that sees no key gets out = 0 (the reference gives
     the mean of V there; neither is meaningful).
     """
     dims = check_anchor_inputs(q, k, v, lengths, causal_offset)

@@ -16,10 +16,12 @@ serves the whole GQA group.  For each key tile the program
 4. runs an online softmax and ``acc += P @ V``.
 
 Only a ``[g * BLOCK_T, BLOCK_N]`` tile of probabilities ever exists.  Key tiles that lie wholly
-after the tile's last visible key (causal) go through a second loop that only computes and writes
-the logits (the next layer reads all N of them) and skips softmax and V.  As in the decode kernel,
-the FFN hidden layer is recomputed by each of the G kv-group programs of a (query, key) tile; see
-:mod:`lisa_kernels.decode` for the trade-off.  share="probs" first takes the masked softmax
+after the tile's last visible key (causal) are not computed: their logits are written as zeros
+(design, ours: every layer applies the same causal mask, so no layer reads those entries unmasked;
+the caller's tensor stays finite for any reader). This halves the FFN work of a prefill without a
+cache. The FFN hidden layer of a visible tile is still recomputed by each of the G kv-group programs
+(unlike the decode step, which runs it once per key tile in a separate pass: :mod:`lisa_kernels.decode`).
+share="probs" first takes the masked softmax
 statistics of ``prev`` in one extra pass (:mod:`lisa_kernels._row_stats`).
 """
 
@@ -170,14 +172,12 @@ def _lisa_prefill_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    # Key tiles after every query of the tile: logits only (fully masked for these queries).
+    # Key tiles after every query of the tile (fully masked for these queries): never read unmasked
+    # by any layer (all apply the same causal mask), so their logits are written as zeros, not computed.
+    zero = tl.zeros([BLOCK_G * BLOCK_T, BLOCK_N], dtype=logits_ptr.dtype.element_ty)
     for n0 in range(tl.cdiv(kv_end, BLOCK_N) * BLOCK_N, N, BLOCK_N):
-        s = _lisa_s_tile(prev_base, k_base, stride_ph, stride_pt, stride_pn, stride_kn, stride_kr,
-                         w1, b1, w2x, b2x, q, pm, pl, t0, n0, T, N, H, R,
-                         SHARE_PROBS, BLOCK_H, BLOCK_G, REP, BLOCK_T, BLOCK_N, BLOCK_R)
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        tl.store(logits_ptr + row_off[:, None] + offs_n[None, :], s.to(logits_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & (offs_n[None, :] < N))
+        tl.store(logits_ptr + row_off[:, None] + offs_n[None, :], zero, mask=row_ok[:, None] & (offs_n[None, :] < N))
 
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -206,7 +206,8 @@ def lisa_prefill(
 
     Shapes: prev_logits [B, H, T, N], q_r [B, H, T, r], k_r [B, G, N, r], v [B, G, N, D], w1 [F, H],
     b1 [F], w2 [H, F], b2 [H]; query t sees key j iff j <= N - T + t.
-    Returns out [B, H, T, D] and the pre-mask logits [B, H, T, N], both in ``v.dtype``.
+    Returns out [B, H, T, D] and the pre-mask logits [B, H, T, N], both in ``v.dtype`` (zero in key
+    tiles that no query of a query tile sees; the reference computes those too).
     ``block_t`` / ``block_n`` (queries / keys per tile) and ``num_warps`` are tuning knobs.
     """
     dims = check_lisa_inputs(prev_logits, q_r, k_r, v, w1, b1, w2, b2, share, None, prefill=True)

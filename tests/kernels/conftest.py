@@ -42,6 +42,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, what:
     torch.testing.assert_close(actual.float(), expected.float(), atol=tol, rtol=tol, msg=lambda m: f"{what}: {m}")
 
 
+def assert_close_visible(
+    actual: torch.Tensor, expected: torch.Tensor, valid: torch.Tensor, tol: float, what: str
+) -> None:
+    """Logits of the prefill / anchor kernels: equal (as `assert_close`) where `valid` (bool, broadcast
+    to their shape: key visible to the query); finite elsewhere (key tiles that no query of a query tile
+    sees are written as zeros, not computed)."""
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    assert torch.isfinite(actual).all(), f"{what}: non-finite kernel logits"
+    hidden = ~valid.expand(actual.shape)
+    assert_close(actual.masked_fill(hidden, 0), expected.masked_fill(hidden, 0), tol, what)
+
+
 def make_lisa_inputs(
     B: int,
     H: int,
@@ -87,6 +99,12 @@ def lisa_inputs():
 def close():
     """``close(actual, expected, tol, what)``: assert_close in fp32 with atol = rtol = tol."""
     return assert_close
+
+
+@pytest.fixture
+def close_visible():
+    """``close_visible(actual, expected, valid, tol, what)``: logits compared on visible keys only."""
+    return assert_close_visible
 
 
 @pytest.fixture

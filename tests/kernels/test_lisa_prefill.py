@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lisa_kernels import lisa_decode, lisa_prefill, lisa_prefill_reference
+from lisa_kernels._reference import valid_keys
 
 ARGS = ("prev_logits", "q_r", "k_r", "v", "w1", "b1", "w2", "b2")
 
@@ -67,26 +68,26 @@ def test_reference_matches_naive_loop(share, lisa_inputs):
     ids=["mha-T7-N37", "gqa-T=N", "mqa-g6", "T1"],
 )
 @pytest.mark.parametrize("share", ["logits", "probs"])
-def test_prefill_fp32(H, G, T, N, share, device, lisa_inputs, close, tol):
+def test_prefill_fp32(H, G, T, N, share, device, lisa_inputs, close, close_visible, tol):
     # 16-key tiles (N not a multiple), 4-query tiles: several query tiles, causal tail tiles.
     inp = lisa_inputs(B=2, H=H, G=G, N=N, r=6, D=8, T=T, device=device, seed=T + N)
     out, logits = _call(lisa_prefill, inp, 0.3, share, block_t=4, block_n=16)
     ref_out, ref_logits = _call(lisa_prefill_reference, inp, 0.3, share)
     close(out, ref_out, tol(torch.float32), "out")
-    close(logits, ref_logits, tol(torch.float32, share == "probs"), "logits")
+    close_visible(logits, ref_logits, valid_keys(2, T, N, device), tol(torch.float32, share == "probs"), "logits")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("share", ["logits", "probs"])
-def test_prefill_half_precision(dtype, share, device, lisa_inputs, close, tol):
+def test_prefill_half_precision(dtype, share, device, lisa_inputs, close, close_visible, tol):
     inp = lisa_inputs(B=1, H=4, G=2, N=21, r=4, D=8, T=9, dtype=dtype, device=device, seed=2)
     out, logits = _call(lisa_prefill, inp, 0.3, share, block_t=4, block_n=16)
     ref_out, ref_logits = _call(lisa_prefill_reference, inp, 0.3, share)
     close(out, ref_out, tol(dtype), "out")
-    close(logits, ref_logits, tol(dtype), "logits")
+    close_visible(logits, ref_logits, valid_keys(1, 9, 21, device), tol(dtype), "logits")
 
 
-def test_prefill_default_tiles_and_strided_inputs(device, lisa_inputs, close, tol):
+def test_prefill_default_tiles_and_strided_inputs(device, lisa_inputs, close, close_visible, tol):
     # Default block sizes; k_r / v are slices of a longer cache, prev_logits a slice over keys.
     B, H, G, T, N, Nmax = 1, 4, 2, 6, 13, 24
     inp = lisa_inputs(B=B, H=H, G=G, N=Nmax, r=4, D=8, T=T, device=device, seed=9)
@@ -95,7 +96,7 @@ def test_prefill_default_tiles_and_strided_inputs(device, lisa_inputs, close, to
     out, logits = _call(lisa_prefill, inp, 0.3, "probs")
     ref_out, ref_logits = _call(lisa_prefill_reference, inp, 0.3, "probs")
     close(out, ref_out, tol(torch.float32), "out")
-    close(logits, ref_logits, tol(torch.float32, True), "logits")
+    close_visible(logits, ref_logits, valid_keys(B, T, N, device), tol(torch.float32, True), "logits")
 
 
 @pytest.mark.parametrize("share", ["logits", "probs"])
@@ -107,6 +108,16 @@ def test_prefill_last_query_equals_decode(share, device, lisa_inputs, close, tol
     d_out, d_logits = lisa_decode(*(dec[a] for a in ARGS), 0.3, share, None, block_n=16)
     close(out[:, :, -1], d_out, tol(torch.float32), "out")
     close(logits[:, :, -1], d_logits, tol(torch.float32, share == "probs"), "logits")
+
+
+def test_prefill_writes_zeros_for_key_tiles_no_query_of_the_tile_sees(device, lisa_inputs):
+    # T = N = 32, 4-query and 16-key tiles: query tile [0, 4) sees keys 0..3, so key tile [16, 32) is skipped.
+    inp = lisa_inputs(B=1, H=4, G=2, N=32, r=4, D=8, T=32, device=device, seed=5)
+    _, logits = _call(lisa_prefill, inp, 0.3, "logits", block_t=4, block_n=16)
+    _, ref_logits = _call(lisa_prefill_reference, inp, 0.3, "logits")
+    assert (logits[:, :, :16, 16:] == 0).all()  # never computed
+    assert (ref_logits[:, :, :16, 16:] != 0).all()
+    assert (logits[:, :, 3, 4:16] != 0).all()  # a partly visible tile is computed whole
 
 
 @pytest.mark.parametrize("fn", [lisa_prefill, lisa_prefill_reference], ids=["kernel", "reference"])
