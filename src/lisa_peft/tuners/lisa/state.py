@@ -26,10 +26,11 @@ modes re-read them on recompute (reentrant checkpointing runs its first forward 
 
 Inference also reuses the logits' memory (`LogitBuffers`, `LisaForwardState.empty_logits`). A layer's
 logits are [B, H, T, N]: tens of MB for a prompt of a few thousand tokens, which the C allocator serves
-as fresh pages from the kernel every time (glibc uses mmap above its threshold), and first-touching
-those pages cost about as much as computing the logits. Since at most two layers' logits are alive at a
-time (the one being read and the one being written), two storages handed out in turn serve a whole
-forward, and, with `chunked.py` passing one `LogitBuffers` to all its chunks, a whole chunked prefill.
+as fresh pages from the kernel every time (glibc uses mmap above its threshold). Since at most two
+layers' logits are alive at a time (the one being read and the one being written), two storages handed
+out in turn serve a whole forward, and, with `chunked.py` passing one `LogitBuffers` to all its chunks,
+a whole chunked prefill: two allocations instead of one per layer and chunk, with the same peak. (On a
+2-core CPU the 4k prefill time moved by less than the run-to-run noise: 16.85 s vs 17.02 s.)
 """
 
 from __future__ import annotations
