@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -153,8 +154,6 @@ def ratio_table(rows: list[dict]) -> str:
 def median_rows(rows: list[dict]) -> list[dict]:
     """One row per (tokens, variant): the median of each measured figure over its runs ("runs": how many),
     in the order of first appearance. Rows with an "error" are left out."""
-    import statistics
-
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         if "error" not in row:
@@ -217,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_one(args.one, tokens, args.new_tokens, args.call, layers, args.model)))
         return 0
     rows = []
+    rounds = [args.variants if i % 2 == 0 else args.variants[::-1] for i in range(args.repeats)]
     for tokens in args.tokens:
-        for variant in [v for round_ in range(args.repeats)
-                        for v in (args.variants if round_ % 2 == 0 else args.variants[::-1])]:
+        for variant in (v for variants in rounds for v in variants):
             command = [sys.executable, __file__, "--one", variant, "--tokens", str(tokens), "--new-tokens",
                        str(args.new_tokens), "--call", args.call, "--layers", args.layers]
             command += ["--threads", str(args.threads)] if args.threads else []
