@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fraction", type=float, default=0.4)
     parser.add_argument("--layers", type=int, nargs="+", default=None, help="fixed LiSA layers instead of auto")
     parser.add_argument("--r", type=int, default=None)
+    parser.add_argument("--ffn-hidden", type=int, default=None, help="head FFN width F (default 2H)")
     parser.add_argument("--sampled", type=int, default=256, help="sampled training windows of 256 tokens")
     parser.add_argument("--calibration", type=int, default=16, help="calibration windows (first 128 tokens)")
     parser.add_argument("--layerwise-steps", type=int, default=100)
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     calibration, train = data[: args.calibration, :128], data[args.calibration :]
     layers = {"lisa_layers": args.layers} if args.layers else {"lisa_layers": "auto", "target_fraction": args.fraction}
     start = time.monotonic()
-    lisa = convert(model, tokenizer, LisaConfig(**layers, init_lisa_weights="calibrate", r=args.r),
+    lisa = convert(model, tokenizer, LisaConfig(**layers, init_lisa_weights="calibrate", r=args.r,
+                                          ffn_hidden=args.ffn_hidden),
                    calibration_ids=calibration, layerwise_steps=args.layerwise_steps, layerwise_lr=3e-3)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"fidelity-{args.name}.jsonl"

@@ -105,6 +105,35 @@ def test_loss_sensitivity_runs_the_model_with_exactly_one_lisa_layer():
     assert not model.model._forward_pre_hooks
 
 
+def test_fitted_probe_scores_the_output_kl_and_fits_before_scoring():
+    """output_kl is the model's own top-k KL to the base (> 0 with a LiSA layer in); a fitted probe has a
+    lower attention KL than the calibrated init it starts from; the model is restored afterwards."""
+    from lisa_peft.convert import layer_sensitivity, lm_loss
+
+    model = _peaky_llama()
+    ids = _windows()
+    before = lm_loss(model, ids)
+    inputs = C.capture_attention_inputs(model, ids, progress=False)
+    config = LisaConfig(lisa_layers="auto", target_fraction=0.5)
+    init = layer_sensitivity(model, inputs, ids, config, False)
+    fitted = layer_sensitivity(model, inputs, ids, config, False, fit_steps=30, fit_lr=1e-2)
+    assert sorted(init) == sorted(fitted) == ["kl", "loss", "output_kl"]
+    assert all(v > 1e-6 for v in init["output_kl"].values())
+    assert all(fitted["kl"][i] < init["kl"][i] for i in init["kl"]), (init["kl"], fitted["kl"])
+    assert lm_loss(model, ids) == before
+
+
+def test_convert_selects_layers_by_the_named_score_and_refuses_unknown_ones():
+    config = LisaConfig(lisa_layers="auto", target_fraction=0.5, init_lisa_weights="calibrate")
+    peft_model = convert(tiny_llama(2), None, config, calibration_ids=_windows(), layerwise_steps=0,
+                         progress=False, select_layers_by="output_kl", sensitivity_fit_steps=2)
+    saved = peft_model.peft_config["default"]
+    scores = saved.layer_scores["sensitivity_output_kl"]
+    assert sorted(map(int, sorted(scores, key=scores.get)[:3])) == saved.lisa_layers
+    with pytest.raises(ValueError, match="select_layers_by='kl'.*'loss' or 'output_kl'"):
+        convert(tiny_llama(2), None, config, calibration_ids=_windows(), select_layers_by="kl")
+
+
 def test_choose_layers_takes_the_least_sensitive():
     scores = {2: 0.9, 3: 0.1, 4: 0.5, 5: 0.2, 6: 0.3}
     assert choose_layers(scores, num_layers=10, fraction=0.3) == [3, 5, 6]

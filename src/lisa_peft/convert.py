@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import calibration as C
 from .data import chunk_token_windows, load_texts
+from .training import TeacherTopK, teacher_topk, topk_distillation_kl
 from .tuners.lisa import LisaConfig
 from .tuners.lisa.layer import ROLE_ANCHOR, ROLE_LISA, LisaAttention
 from .tuners.lisa.model import add_forward_state, backbone, default_rank
@@ -80,20 +81,47 @@ def _single_lisa_layer(model, idx: int, probe: LisaAttention, config: LisaConfig
 
 
 @torch.no_grad()
-def layer_sensitivity(
-    model, inputs: C.AttentionInputs, input_ids: torch.Tensor, config: LisaConfig, progress: bool = True
-) -> dict[str, dict[int, float]]:
-    """Per candidate layer, made LiSA alone with a calibrated init:
+def _loss_and_output_kl(
+    model, input_ids: torch.Tensor, teacher: TeacherTopK, batch_size: int = 4
+) -> tuple[float, float]:
+    """Mean next-token cross-entropy of `model` on windows [N, T] and its top-k KL(teacher || model)."""
+    device = next(model.parameters()).device
+    loss = kl = 0.0
+    for start in range(0, input_ids.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        batch = input_ids[sl].to(device)
+        out = model(batch, labels=batch, use_cache=False)
+        n = batch.shape[0]
+        loss += out.loss.item() * n
+        kl += topk_distillation_kl(out.logits, teacher.logprobs[sl].to(device), teacher.ids[sl].to(device)).item() * n
+    return loss / input_ids.shape[0], kl / input_ids.shape[0]
 
-    * "loss": increase of the LM loss on the calibration windows input_ids [N, T] (what decides);
+
+@torch.no_grad()
+def layer_sensitivity(
+    model,
+    inputs: C.AttentionInputs,
+    input_ids: torch.Tensor,
+    config: LisaConfig,
+    progress: bool = True,
+    fit_steps: int = 0,
+    fit_lr: float = 3e-3,
+) -> dict[str, dict[int, float]]:
+    """Per candidate layer, made LiSA alone (calibrated init, then `fit_steps` layer-wise steps):
+
+    * "loss": increase of the LM loss on the probe windows input_ids [N, T];
+    * "output_kl": KL(base || model) of the next-token distributions on those windows (top-64);
     * "kl": attention KL to the base layer with the true previous logits (diagnostic).
-    Shallow layers can have a small KL and still a large loss effect, hence the loss decides.
+    Shallow layers can have a small attention KL and still a large effect on the output, hence the
+    decision is taken on the model's output ("loss" or "output_kl", see `convert`).
+    The layer-wise fit uses the calibration windows of `inputs` (all of them, not only the probe's).
     """
     layers = C.decoder_layers(model)
     resolved = _resolve_shape_defaults(config, model.config)
     resolved.init_lisa_weights = "identity"
-    base_loss = lm_loss(model, input_ids)
-    scores: dict[str, dict[int, float]] = {"loss": {}, "kl": {}}
+    teacher = teacher_topk(model, input_ids)
+    base_loss, _ = _loss_and_output_kl(model, input_ids, teacher)
+    scores: dict[str, dict[int, float]] = {"loss": {}, "output_kl": {}, "kl": {}}
     candidates = range(config.min_full_layers, len(layers))
     for idx in tqdm(candidates, desc="layer sensitivity", disable=not progress):
         attn = C.base_attention(layers[idx])
@@ -103,9 +131,14 @@ def layer_sensitivity(
         prev = C.base_logits(C.base_attention(layers[idx - 1]), inputs.hidden[idx - 1], rope)
         target = C.base_logits(attn, inputs.hidden[idx], rope)
         C.fit_head_ffn(probe, "probe", prev, target, inputs.hidden[idx], rope)
+        if fit_steps > 0:
+            with torch.enable_grad():
+                C.fit_layer(probe, "probe", inputs.hidden[idx], rope, prev, target, steps=fit_steps, lr=fit_lr)
         scores["kl"][idx] = C.evaluate_layer_kl(probe, "probe", inputs.hidden[idx], rope, prev, target)
         with _single_lisa_layer(model, idx, probe, resolved):
-            scores["loss"][idx] = lm_loss(model, input_ids) - base_loss
+            loss, kl = _loss_and_output_kl(model, input_ids, teacher)
+        scores["loss"][idx] = loss - base_loss
+        scores["output_kl"][idx] = kl
     return scores
 
 
@@ -147,6 +180,8 @@ def convert(
     stage_callback: Callable[[str, PeftModel], Any] | None = None,
     calibration_ids: torch.Tensor | None = None,
     sensitivity_sequences: int = 16,
+    sensitivity_fit_steps: int = 0,
+    select_layers_by: str = "loss",
 ) -> PeftModel:
     """Turn a pre-trained LLaMA model into a calibrated LiSA `PeftModel`.
 
@@ -160,6 +195,8 @@ def convert(
     tokenizing `calibration_texts` (then `tokenizer` may be None). sensitivity_sequences: how
     many calibration windows the per-layer loss probe of `lisa_layers="auto"` runs on.
     """
+    if select_layers_by not in ("loss", "output_kl"):
+        raise ValueError(f"select_layers_by={select_layers_by!r}: choose 'loss' or 'output_kl'.")
     config = copy.deepcopy(config)
     if calibration_ids is not None:
         input_ids = calibration_ids
@@ -173,10 +210,11 @@ def convert(
 
     if config.lisa_layers == "auto":
         probe_ids = input_ids[: max(1, sensitivity_sequences)]  # the loss probe runs the whole model per layer
-        sensitivity = layer_sensitivity(model, inputs, probe_ids, config, progress=progress)
-        config.lisa_layers = choose_layers(sensitivity["loss"], num_layers, config.target_fraction)
+        sensitivity = layer_sensitivity(model, inputs, probe_ids, config, progress=progress,
+                                        fit_steps=sensitivity_fit_steps, fit_lr=layerwise_lr)
+        config.lisa_layers = choose_layers(sensitivity[select_layers_by], num_layers, config.target_fraction)
         for kind, values in sensitivity.items():
-            scores_record[f"sensitivity_{kind}"] = {str(k): round(v, 5) for k, v in values.items()}
+            scores_record[f"sensitivity_{kind}"] = {str(k): float(f"{v:.6g}") for k, v in values.items()}
         logger.info("lisa_layers='auto' chose %s", config.lisa_layers)
 
     calibrate = config.init_lisa_weights == "calibrate"

@@ -63,6 +63,19 @@ class TokenWindowDataset(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
+def teacher_topk(model, windows: torch.Tensor, k: int = 64, batch_size: int = 4, progress: bool = False) -> TeacherTopK:
+    """`model`'s own top-k log-probabilities (as it runs now) at every position of windows [N, T]."""
+    device = next(model.parameters()).device
+    values, ids = [], []
+    for start in tqdm(range(0, windows.shape[0], batch_size), desc="teacher top-k", disable=not progress):
+        logits = model(windows[start : start + batch_size].to(device), use_cache=False).logits
+        top = logits.float().log_softmax(-1).topk(k, dim=-1)
+        values.append(top.values.cpu())
+        ids.append(top.indices.cpu())
+    return TeacherTopK(torch.cat(values), torch.cat(ids))
+
+
+@torch.no_grad()
 def cache_teacher_topk(
     peft_model, windows: torch.Tensor, k: int = 64, batch_size: int = 4, progress: bool = False
 ) -> TeacherTopK:
@@ -72,18 +85,11 @@ def cache_teacher_topk(
     `topk_distillation_kl`. Memory: N*T*k*12 bytes (e.g. 1024 x 256 x 64 -> 200 MB)."""
     was_training = peft_model.training
     peft_model.eval()
-    device = next(peft_model.parameters()).device
-    values, ids = [], []
     try:
         with peft_model.disable_adapter():
-            for start in tqdm(range(0, windows.shape[0], batch_size), desc="teacher top-k", disable=not progress):
-                logits = peft_model(windows[start : start + batch_size].to(device), use_cache=False).logits
-                top = logits.float().log_softmax(-1).topk(k, dim=-1)
-                values.append(top.values.cpu())
-                ids.append(top.indices.cpu())
+            return teacher_topk(peft_model, windows, k, batch_size, progress)
     finally:
         peft_model.train(was_training)
-    return TeacherTopK(torch.cat(values), torch.cat(ids))
 
 
 def topk_distillation_kl(student_logits: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_ids: torch.Tensor):
