@@ -75,7 +75,8 @@ def parse_layers(spec: str) -> list[int]:
 
 
 def build_model(variant: str, layers: list[int], model_path: str | None):
-    """The model of one variant, in eval mode: 'base', 'lisa' or 'lisa-chunk=N'."""
+    """The model of one variant, in eval mode: 'base', 'lisa', 'lisa-chunk=N' (prefill chunk size) or
+    'lisa-r=N' (rank of the low-rank Q/K; library default head_dim/6)."""
     from transformers import AutoModelForCausalLM
 
     from lisa_peft.base_models import resolve_base_model
@@ -91,8 +92,10 @@ def build_model(variant: str, layers: list[int], model_path: str | None):
     kwargs = {}
     if variant.startswith("lisa-chunk="):
         kwargs["prefill_chunk_size"] = int(variant.split("=", 1)[1])
+    elif variant.startswith("lisa-r="):
+        kwargs["r"] = int(variant.split("=", 1)[1])
     elif variant != "lisa":
-        raise ValueError(f"unknown variant {variant!r}: use base, lisa or lisa-chunk=N")
+        raise ValueError(f"unknown variant {variant!r}: use base, lisa, lisa-chunk=N or lisa-r=N")
     return get_peft_model(model, LisaConfig(lisa_layers=layers, **kwargs)).eval()
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.prefill import main, median_rows, parse_layers, ratio_table, run_one
+from benchmarks.prefill import build_model, main, median_rows, parse_layers, ratio_table, run_one
 from tests.conftest import tiny_llama
 
 
@@ -15,12 +15,17 @@ def tiny_path(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("variant", ["base", "lisa", "lisa-chunk=8"])
+@pytest.mark.parametrize("variant", ["base", "lisa", "lisa-chunk=8", "lisa-r=4"])
 def test_run_one_generate_measures_prefill_and_decode(tiny_path, variant):
     row = run_one(variant, tokens=20, new_tokens=4, call="generate", layers=[3, 4, 5], model_path=tiny_path)
     assert row["variant"] == variant and row["tokens"] == 20
     assert row["prefill_s"] > 0 and row["decode_tokens_per_s"] > 0
     assert row["peak_rss_mb"] >= row["loaded_rss_mb"] > 0
+
+
+def test_variants_set_the_chunk_size_and_the_rank(tiny_path):
+    assert build_model("lisa-r=4", [3, 4], tiny_path).peft_config["default"].r == 4
+    assert build_model("lisa-chunk=8", [3, 4], tiny_path).peft_config["default"].prefill_chunk_size == 8
 
 
 def test_run_one_forward_and_bad_inputs(tiny_path):
