@@ -70,6 +70,22 @@ def test_least_squares_ffn_recovers_a_known_head_mixing():
     torch.testing.assert_close(centre(got), centre(target - delta), atol=1e-3, rtol=1e-3)
 
 
+def test_linear_ffn_init_of_a_wider_ffn_is_exact_and_all_its_units_can_learn():
+    """ffn_hidden > 2H: the calibrated init is still exactly m @ x + bias, and the extra units get gradient
+    (with all-zero extra units ReLU passes none, and they would stay dead forever)."""
+    model = get_peft_model(tiny_llama(2), LisaConfig(lisa_layers=[3], ffn_hidden=12))
+    layer = model.base_model.model.model.layers[3].self_attn
+    m, bias = torch.randn(4, 4), torch.randn(4)
+    with torch.no_grad():
+        C.set_linear_ffn(layer, "default", m, bias)
+    prev = torch.randn(2, 4, 5, 5)
+    out = layer.head_ffn("default", prev)
+    torch.testing.assert_close(out, torch.einsum("gh,bhtn->bgtn", m, prev) + bias[:, None, None], atol=1e-5, rtol=1e-5)
+    out.square().sum().backward()
+    down = layer.lisa_ffn_down["default"].weight
+    assert down.grad[:, 8:].abs().sum() > 0
+
+
 def test_layerwise_stage_lowers_attention_kl():
     model = _peaky_llama()
     config = LisaConfig(lisa_layers=[3, 4], init_lisa_weights="calibrate")

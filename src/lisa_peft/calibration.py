@@ -16,6 +16,7 @@ initialised, scored and fitted from the same tensors without running the whole m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -201,7 +202,11 @@ def fit_head_ffn(
 
 @torch.no_grad()
 def set_linear_ffn(layer: LisaAttention, adapter: str, m: torch.Tensor, bias: torch.Tensor) -> None:
-    """Make the FFN compute exactly `m @ x + bias` (m [H, H], bias [H]) via relu(z) - relu(-z)."""
+    """Make the FFN compute exactly `m @ x + bias` (m [H, H], bias [H]) via relu(z) - relu(-z).
+
+    Units beyond the first 2H (ffn_hidden > 2H) get nn.Linear's random input weights and zero output
+    weights: the function is unchanged, and they can still learn (all-zero units would get no gradient
+    through ReLU and stay dead)."""
     up, down = layer.lisa_ffn_up[adapter], layer.lisa_ffn_down[adapter]
     h = layer.num_heads
     if up.out_features < 2 * h:
@@ -215,6 +220,8 @@ def set_linear_ffn(layer: LisaAttention, adapter: str, m: torch.Tensor, bias: to
     down.weight[:, :h] = eye.to(down.weight)
     down.weight[:, h : 2 * h] = -eye.to(down.weight)
     down.bias.copy_(bias.to(down.bias))
+    if up.out_features > 2 * h:
+        nn.init.kaiming_uniform_(up.weight[2 * h :], a=math.sqrt(5))
 
 
 def _batched(rope: tuple[torch.Tensor, torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
