@@ -42,7 +42,7 @@ _EPS = tl.constexpr(PROBS_EPS)
 def _lisa_s_tile(
     prev_base, k_base, stride_ph, stride_pt, stride_pn, stride_kn, stride_kr,
     w1, b1, w2x, b2x, q, pm, pl, t0, n0, T, N, H, R,
-    SHARE_PROBS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr, REP: tl.constexpr,
+    SHARE_PROBS: tl.constexpr, QK_F32: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr, REP: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """Pre-mask LiSA logits of one (query tile, key tile): ``[BLOCK_G * BLOCK_T, BLOCK_N]`` fp32."""
@@ -67,8 +67,11 @@ def _lisa_s_tile(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
     kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_r[:, None] * stride_kr,
-                 mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0).to(tl.float32)
-    delta = tl.dot(q, kt, input_precision="ieee")
+                 mask=(offs_r[:, None] < R) & (offs_n[None, :] < N), other=0.0)
+    if QK_F32:
+        delta = tl.dot(q, kt.to(tl.float32), input_precision="ieee")
+    else:  # fp16 / bf16 operands (tensor cores), fp32 accumulation: the precision of the base's own QK
+        delta = tl.dot(q, kt)
     if SHARE_PROBS:
         s = tl.log(tl.maximum(a, 0.0) + _EPS) + delta
     else:
@@ -85,7 +88,7 @@ def _lisa_prefill_kernel(
     stride_kb, stride_kg, stride_kn, stride_kr,
     stride_vb, stride_vg, stride_vn, stride_vd,
     scale, H, G, GROUP, T, N, R, D, F,
-    SHARE_PROBS: tl.constexpr, PV_F32: tl.constexpr,
+    SHARE_PROBS: tl.constexpr, QK_F32: tl.constexpr, PV_F32: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
     REP: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -123,6 +126,8 @@ def _lisa_prefill_kernel(
     q = tl.load(q_ptr + b64 * stride_qb + row_head[:, None] * stride_qh + row_t[:, None] * stride_qt
                 + offs_r[None, :] * stride_qr, mask=row_ok[:, None] & (offs_r[None, :] < R),
                 other=0.0).to(tl.float32) * scale
+    if not QK_F32:
+        q = q.to(q_ptr.dtype.element_ty)  # scaled in fp32, rounded once to the half dtype
     if SHARE_PROBS:
         # softmax statistics of prev for all heads and the tile's queries, expanded to (query, key) pairs
         offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -151,7 +156,7 @@ def _lisa_prefill_kernel(
     for n0 in range(0, kv_end, BLOCK_N):
         s = _lisa_s_tile(prev_base, k_base, stride_ph, stride_pt, stride_pn, stride_kn, stride_kr,
                          w1, b1, w2x, b2x, q, pm, pl, t0, n0, T, N, H, R,
-                         SHARE_PROBS, BLOCK_H, BLOCK_G, REP, BLOCK_T, BLOCK_N, BLOCK_R)
+                         SHARE_PROBS, QK_F32, BLOCK_H, BLOCK_G, REP, BLOCK_T, BLOCK_N, BLOCK_R)
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         tl.store(logits_ptr + row_off[:, None] + offs_n[None, :], s.to(logits_ptr.dtype.element_ty),
@@ -231,12 +236,15 @@ def lisa_prefill(
     # See lisa_kernels.decode: the interpreter cannot tl.dot bf16 operands (triton-lang/triton#11584).
     interp_bf16 = is_interpreted(_lisa_prefill_kernel) and v.dtype == torch.bfloat16
     pv_f32 = v.dtype == torch.float32 or interp_bf16
+    # The low-rank delta q_r . k_r runs on half operands when both are the same half dtype.
+    interp_bf16_qk = is_interpreted(_lisa_prefill_kernel) and q_r.dtype == torch.bfloat16
+    qk_f32 = q_r.dtype == torch.float32 or q_r.dtype != k_r.dtype or interp_bf16_qk
 
     _lisa_prefill_kernel[(B * G, triton.cdiv(T, block_t))](
         prev_logits, q_r, k_r, v, w1c, b1c, w2c, b2c, stat_m, stat_l, logits, out,
         *prev_logits.stride(), *q_r.stride(), *k_r.stride(), *v.stride(),
         scale, H, G, dims.group, T, N, r, D, F,
-        SHARE_PROBS=share_probs, PV_F32=pv_f32,
+        SHARE_PROBS=share_probs, QK_F32=qk_f32, PV_F32=pv_f32,
         BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_H=pow2(H), BLOCK_G=block_g, REP=rep,
         BLOCK_F=pow2(F), BLOCK_R=pow2(r), BLOCK_D=pow2(D),
         num_warps=num_warps,
