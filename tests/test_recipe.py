@@ -90,6 +90,25 @@ def test_run_recipe_end_to_end_and_resume(tiny_setup):
     assert again["train_steps"] == 8 and again["lisa_layers"] == summary["lisa_layers"]
 
 
+def test_a_converted_adapter_of_other_settings_is_never_reused_silently(tiny_setup, tmp_path):
+    """Editing the recipe's conversion settings and running again must not train the old adapter:
+    resuming raises and names the change; --no-resume (resume=False) converts afresh and replaces it."""
+    recipe = {**tiny_setup["recipe"],
+              "training": {**tiny_setup["recipe"]["training"], "max_steps": 2, "output_dir": str(tmp_path / "o")}}
+    run_recipe(recipe, progress=False)
+    out = Path(recipe["training"]["output_dir"])
+    assert json.loads((out / "lisa_init" / "conversion_settings.json").read_text())["lisa"] == recipe["lisa"]
+    changed = {**recipe, "lisa": {**recipe["lisa"], "r": 4}}
+    with pytest.raises(ValueError, match=r"converted with other settings \(lisa: .*--no-resume"):
+        run_recipe(changed, progress=False)
+    summary = run_recipe(changed, progress=False, resume=False)
+    assert summary["model"].peft_config["default"].r == 4
+    assert json.loads((out / "lisa_init" / "adapter_config.json").read_text())["r"] == 4
+    (out / "lisa_init" / "conversion_settings.json").unlink()  # saved by an older version: settings unknown
+    with pytest.raises(ValueError, match="does not record the settings it was converted with"):
+        run_recipe(changed, progress=False)
+
+
 def test_recipe_defaults_distill_on_text_sampled_from_the_base_and_evaluate_on_another_source(
     tiny_setup, tmp_path, monkeypatch
 ):

@@ -180,7 +180,7 @@ def convert(
     stage_callback: Callable[[str, PeftModel], Any] | None = None,
     calibration_ids: torch.Tensor | None = None,
     sensitivity_sequences: int = 16,
-    sensitivity_fit_steps: int = 0,
+    sensitivity_fit_steps: int = 100,
     select_layers_by: str = "loss",
 ) -> PeftModel:
     """Turn a pre-trained LLaMA model into a calibrated LiSA `PeftModel`.

@@ -58,6 +58,8 @@ SECTIONS = {
 SAMPLED, EMBEDDED = "sampled", "embedded"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INIT_ADAPTER_DIR = "lisa_init"
+CONVERSION_SETTINGS_FILE = "conversion_settings.json"  # beside the converted adapter in OUTPUT_DIR/lisa_init
+CONVERSION_KEYS = ("base_model", "dtype", "lisa", "calibration", "data")
 FINAL_ADAPTER_DIR = "adapter"
 
 
@@ -173,16 +175,22 @@ def build_lisa_model(
     progress: bool = True,
     stage_callback=None,
     train_windows: torch.Tensor | None = None,
+    reuse: bool = True,
 ) -> PeftModel:
     """Convert (calibrate) the base model, or reload the converted adapter saved by an earlier run.
 
     stage_callback: passed to `lisa_peft.convert` (runs after the init and the layer-wise stage).
     train_windows [N, T]: the training windows; `calibration.texts: sampled` (the default) calibrates
-    on the first `num_sequences` of them, cut to `seq_len` tokens."""
+    on the first `num_sequences` of them, cut to `seq_len` tokens.
+    reuse: reload OUTPUT_DIR/lisa_init when it exists. It is reloaded only if it was converted with the
+    same conversion settings (`conversion_settings`, saved beside it); otherwise a ValueError names the
+    settings that differ. reuse=False converts afresh and replaces it."""
     from .convert import convert
 
     init_dir = output_dir / INIT_ADAPTER_DIR
-    if (init_dir / "adapter_config.json").is_file():
+    settings = conversion_settings(recipe)
+    if reuse and (init_dir / "adapter_config.json").is_file():
+        check_same_conversion(init_dir, settings)
         logger.info("Reusing the converted adapter in %s", init_dir)
         return PeftModel.from_pretrained(model, init_dir, is_trainable=True)
     calibration = dict(recipe.get("calibration", {}))
@@ -211,7 +219,33 @@ def build_lisa_model(
     )
     if _is_main_process():
         peft_model.save_pretrained(init_dir)
+        (init_dir / CONVERSION_SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True))
     return peft_model
+
+
+def conversion_settings(recipe: dict[str, Any]) -> dict[str, Any]:
+    """What decides the converted adapter: base model, dtype and the `lisa`, `calibration` and `data` sections."""
+    return json.loads(json.dumps({key: recipe.get(key) for key in CONVERSION_KEYS}, default=str))
+
+
+def check_same_conversion(init_dir: Path, settings: dict[str, Any]) -> None:
+    """Raise a ValueError if the adapter in init_dir was converted with other settings (or with unknown
+    ones: saved by a version that did not record them)."""
+    saved_file = init_dir / CONVERSION_SETTINGS_FILE
+    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else None
+    if saved == settings:
+        return
+    if saved is None:
+        what = f"{init_dir} does not record the settings it was converted with"
+    else:
+        changed = sorted(k for k in settings if saved.get(k) != settings[k])
+        what = "; ".join(f"{k}: {saved.get(k)} -> {settings[k]}" for k in changed)
+        what = f"{init_dir} was converted with other settings ({what})"
+    raise ValueError(
+        f"{what}, so it does not belong to this recipe. Run again with --no-resume (Python: "
+        f"run_recipe(recipe, resume=False)) to convert afresh and replace it, or set training.output_dir "
+        "to another folder."
+    )
 
 
 def _is_main_process() -> bool:
@@ -245,7 +279,8 @@ def run_recipe(recipe: dict[str, Any], progress: bool = True, resume: bool | str
         summary["fidelity"][stage] = report
         return {k: report[k] for k in ("kl", "ppl_ratio", "lisa_ppl")}
 
-    peft_model = build_lisa_model(model, tokenizer, recipe, output_dir, progress, stage_fidelity, train)
+    peft_model = build_lisa_model(model, tokenizer, recipe, output_dir, progress, stage_fidelity, train,
+                                  reuse=bool(resume))
     stages = (peft_model.peft_config["default"].layer_scores or {}).get("stages", {})
     for stage, figures in stages.items():  # a reused converted adapter: its recorded figures
         summary["fidelity"].setdefault(stage, {"text": eval_name, **figures})
