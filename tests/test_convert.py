@@ -185,3 +185,11 @@ def test_probs_mode_calibrates_too():
                          layerwise_lr=1e-2, progress=False)
     record = peft_model.peft_config["default"].layer_scores["layers"]["4"]
     assert record["kl_layerwise"] < record["kl_init"]
+
+
+def test_teacher_topk_caps_k_at_the_vocabulary():
+    """A tiny vocabulary (VOCAB < 64) must not make the probe's top-64 teacher fail."""
+    from lisa_peft.training import teacher_topk
+
+    teacher = teacher_topk(tiny_llama(2), _windows(2, 8), k=VOCAB + 10)
+    assert teacher.logprobs.shape == (2, 8, VOCAB) and teacher.ids.shape == (2, 8, VOCAB)

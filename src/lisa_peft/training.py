@@ -64,12 +64,13 @@ class TokenWindowDataset(torch.utils.data.Dataset):
 
 @torch.no_grad()
 def teacher_topk(model, windows: torch.Tensor, k: int = 64, batch_size: int = 4, progress: bool = False) -> TeacherTopK:
-    """`model`'s own top-k log-probabilities (as it runs now) at every position of windows [N, T]."""
+    """`model`'s own top-k log-probabilities (as it runs now) at every position of windows [N, T]
+    (k capped at the vocabulary size)."""
     device = next(model.parameters()).device
     values, ids = [], []
     for start in tqdm(range(0, windows.shape[0], batch_size), desc="teacher top-k", disable=not progress):
         logits = model(windows[start : start + batch_size].to(device), use_cache=False).logits
-        top = logits.float().log_softmax(-1).topk(k, dim=-1)
+        top = logits.float().log_softmax(-1).topk(min(k, logits.shape[-1]), dim=-1)  # k <= vocabulary
         values.append(top.values.cpu())
         ids.append(top.indices.cpu())
     return TeacherTopK(torch.cat(values), torch.cat(ids))
