@@ -234,11 +234,10 @@ def lisa_prefill(
     logits = torch.empty((B, H, T, N), dtype=v.dtype, device=dev)
     out = torch.empty((B, H, T, D), dtype=v.dtype, device=dev)
     # See lisa_kernels.decode: the interpreter cannot tl.dot bf16 operands (triton-lang/triton#11584).
-    interp_bf16 = is_interpreted(_lisa_prefill_kernel) and v.dtype == torch.bfloat16
-    pv_f32 = v.dtype == torch.float32 or interp_bf16
+    interp = is_interpreted(_lisa_prefill_kernel)
+    pv_f32 = v.dtype == torch.float32 or (interp and v.dtype == torch.bfloat16)
     # The low-rank delta q_r . k_r runs on half operands when both are the same half dtype.
-    interp_bf16_qk = is_interpreted(_lisa_prefill_kernel) and q_r.dtype == torch.bfloat16
-    qk_f32 = q_r.dtype == torch.float32 or q_r.dtype != k_r.dtype or interp_bf16_qk
+    qk_f32 = q_r.dtype == torch.float32 or q_r.dtype != k_r.dtype or (interp and q_r.dtype == torch.bfloat16)
 
     _lisa_prefill_kernel[(B * G, triton.cdiv(T, block_t))](
         prev_logits, q_r, k_r, v, w1c, b1c, w2c, b2c, stat_m, stat_l, logits, out,

@@ -51,15 +51,9 @@ def _probe_layer(base_attn, layer_idx: int, config: LisaConfig, planes: torch.Te
     return probe
 
 
-@torch.no_grad()
 def lm_loss(model, input_ids: torch.Tensor, batch_size: int = 4) -> float:
     """Mean next-token cross-entropy of `model` on token windows [N, T]."""
-    device = next(model.parameters()).device
-    total = 0.0
-    for start in range(0, input_ids.shape[0], batch_size):
-        batch = input_ids[start : start + batch_size].to(device)
-        total += model(batch, labels=batch, use_cache=False).loss.item() * batch.shape[0]
-    return total / input_ids.shape[0]
+    return _loss_and_output_kl(model, input_ids, None, batch_size)[0]
 
 
 @contextmanager
@@ -82,9 +76,10 @@ def _single_lisa_layer(model, idx: int, probe: LisaAttention, config: LisaConfig
 
 @torch.no_grad()
 def _loss_and_output_kl(
-    model, input_ids: torch.Tensor, teacher: TeacherTopK, batch_size: int = 4
+    model, input_ids: torch.Tensor, teacher: TeacherTopK | None, batch_size: int = 4
 ) -> tuple[float, float]:
-    """Mean next-token cross-entropy of `model` on windows [N, T] and its top-k KL(teacher || model)."""
+    """Mean next-token cross-entropy of `model` on windows [N, T] and its top-k KL(teacher || model)
+    (NaN without a teacher)."""
     device = next(model.parameters()).device
     loss = kl = 0.0
     for start in range(0, input_ids.shape[0], batch_size):
@@ -93,8 +88,11 @@ def _loss_and_output_kl(
         out = model(batch, labels=batch, use_cache=False)
         n = batch.shape[0]
         loss += out.loss.item() * n
-        kl += topk_distillation_kl(out.logits, teacher.logprobs[sl].to(device), teacher.ids[sl].to(device)).item() * n
-    return loss / input_ids.shape[0], kl / input_ids.shape[0]
+        if teacher is not None:
+            logprobs, ids = teacher.logprobs[sl].to(device), teacher.ids[sl].to(device)
+            kl += topk_distillation_kl(out.logits, logprobs, ids).item() * n
+    n_total = input_ids.shape[0]
+    return loss / n_total, (kl / n_total if teacher is not None else math.nan)
 
 
 @torch.no_grad()
