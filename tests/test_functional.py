@@ -148,3 +148,58 @@ def test_full_attention_in_row_tiles_equals_one_pass():
         torch.testing.assert_close(logits, want_logits, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(probs, want_probs, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(out, LF.grouped_values(want_probs, v), rtol=1e-12, atol=1e-12)
+
+
+def _explicit_softmax_values(logits, mask, v):
+    """Independent: repeat each KV head's values for its query heads, softmax of the masked logits."""
+    g = logits.shape[1] // v.shape[1]
+    probs = torch.softmax(logits + mask, dim=-1)
+    return probs @ v.repeat_interleave(g, dim=1)
+
+
+@pytest.mark.parametrize("kv_heads", [6, 2], ids=["mha", "gqa"])
+def test_softmax_values_matches_explicit_attention_with_gradients(kv_heads):
+    """The recomputing backward gives autograd's gradients (left padding and a causal mask, GQA; float32,
+    the precision of the softmax in both)."""
+    gen = torch.Generator().manual_seed(8)
+    logits = torch.randn(2, 6, 5, 7, generator=gen, requires_grad=True)
+    v = torch.randn(2, kv_heads, 7, 4, generator=gen, requires_grad=True)
+    allowed = torch.ones(2, 1, 5, 7, dtype=torch.bool).tril(2)
+    allowed[1, ..., :3] = False  # second sequence left-padded: its first query sees no key
+    mask = LF.additive_mask(allowed, 5, 7, torch.float32, logits.device)
+    got = LF.softmax_values(logits, mask, v)
+    want = _explicit_softmax_values(logits, mask, v)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    upstream = torch.randn(got.shape, generator=gen)
+    for g, w in zip(torch.autograd.grad(got, [logits, v], upstream), torch.autograd.grad(want, [logits, v], upstream)):
+        assert g.abs().sum() > 0
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_values_saves_the_logits_not_the_probabilities():
+    logits = torch.randn(1, 4, 6, 6, requires_grad=True)
+    v = torch.randn(1, 2, 6, 3, requires_grad=True)
+    mask = LF.additive_mask(None, 6, 6, torch.float32, logits.device)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        LF.softmax_values(logits, mask, v)
+    assert [t.data_ptr() for t in saved] == [logits.data_ptr(), mask.data_ptr(), v.data_ptr()]
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        LF.grouped_values(LF.masked_softmax(logits, mask, v.dtype), v)
+    assert any(t.shape == logits.shape and t.data_ptr() != logits.data_ptr() for t in saved)  # the old way
+
+
+def test_softmax_values_in_bfloat16_matches_the_unfused_ops():
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(1, 4, 8, 8, generator=gen).to(torch.bfloat16).requires_grad_()
+    v = torch.randn(1, 2, 8, 4, generator=gen).to(torch.bfloat16).requires_grad_()
+    mask = LF.additive_mask(None, 8, 8, torch.bfloat16, logits.device)
+    got = LF.softmax_values(logits, mask, v)
+    want = LF.grouped_values(LF.masked_softmax(logits, mask, v.dtype), v)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    upstream = torch.randn(got.shape, generator=gen).to(torch.bfloat16)
+    for g, w in zip(torch.autograd.grad(got, [logits, v], upstream), torch.autograd.grad(want, [logits, v], upstream)):
+        assert g.dtype == w.dtype == torch.bfloat16
+        torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)

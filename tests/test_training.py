@@ -153,3 +153,28 @@ def test_time_budget_callback_anneals_the_rate_over_the_budget_and_stops_at_its_
     assert optimizer.param_groups[0]["lr"] == 1.0
     with pytest.raises(ValueError, match="positive"):
         training_module.TimeBudgetCallback(0)
+
+
+@pytest.mark.parametrize("share", ["logits", "probs"])
+def test_gradients_without_kept_probabilities_equal_those_with_them(input_ids, share):
+    """Training keeps no attention probabilities unless a hook reads them (they are recomputed in the
+    backward); the gradients are those of the path that keeps them (a forward hook forces it)."""
+    model = get_peft_model(
+        tiny_llama(2), LisaConfig(lisa_layers=[2, 3, 5], init_lisa_weights="random", share=share)
+    )
+    model.train()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lisa_ffn" in name:
+                param.normal_(std=0.3)
+    recomputed = _lisa_grads(model, input_ids)
+    seen = []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, out: seen.append(m) and None)
+    try:
+        kept = _lisa_grads(model, input_ids)
+    finally:
+        handle.remove()
+    assert seen  # the hook made the layers keep and return their probabilities
+    assert kept.keys() == recomputed.keys()
+    for name in kept:
+        torch.testing.assert_close(recomputed[name], kept[name], atol=1e-6, rtol=1e-5, msg=name)

@@ -95,6 +95,17 @@ def outputs_observed(*modules: nn.Module) -> bool:
     return bool(nn.modules.module._global_forward_hooks) or any(m._forward_hooks for m in modules)
 
 
+def _probs_and_values(
+    logits: torch.Tensor, mask: torch.Tensor, v: torch.Tensor, need_probs: bool
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """With autograd: (probabilities [B, H, T, N] or None, P V [B, H, T, D]). When nothing observes the
+    probabilities they are not kept for the backward either (`LF.softmax_values` recomputes them there)."""
+    if not need_probs:
+        return None, LF.softmax_values(logits, mask, v)
+    probs = LF.masked_softmax(logits, mask, v.dtype)
+    return probs, LF.grouped_values(probs, v)
+
+
 def anchor_attention(
     w: AnchorWeights,
     hidden_states: torch.Tensor,
@@ -107,8 +118,9 @@ def anchor_attention(
     """Full attention that publishes its pre-mask logits -> (output [B, T, d], probabilities or None).
 
     On the Triton kernel when `dispatch.kernel_plan` says so (then the probabilities are None, as with sdpa).
-    need_probs=False (nothing observes the module's outputs): inference returns None for the
-    probabilities instead of keeping a [B, H, T, N] tensor that nobody reads; training always has them.
+    need_probs=False (nothing observes the module's outputs): returns None for the probabilities
+    instead of keeping a [B, H, T, N] tensor that nobody reads (in training, autograd does not keep
+    them either: `LF.softmax_values` recomputes them in the backward).
     """
     q = project(w.q_proj, hidden_states, w.num_heads)
     k = project(w.k_proj, hidden_states, w.num_kv_heads)
@@ -126,8 +138,7 @@ def anchor_attention(
         mask = LF.additive_mask(attention_mask, q.shape[2], k.shape[2], q.dtype, q.device)
         if torch.is_grad_enabled():
             logits = LF.grouped_scores(q, k, w.scaling)
-            probs = LF.masked_softmax(logits, mask, v.dtype)
-            out = LF.grouped_values(probs, v)
+            probs, out = _probs_and_values(logits, mask, v, need_probs)
         else:  # inference: a few query rows at a time (see LF.lisa_attention_rows)
             rows = LF.query_tile_rows(q.shape[2], k.shape[2], 2 * w.num_heads, q.element_size())
             logits_out = state.empty_logits((q.shape[0], w.num_heads, q.shape[2], k.shape[2]), q.dtype, q.device)
@@ -172,7 +183,7 @@ def lisa_attention(
     need_probs: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """LiSA attention -> (output [B, T, d], probabilities or None on the kernels or when not
-    `need_probs` at inference, as in `anchor_attention`). Caches only Kr and V."""
+    `need_probs`, as in `anchor_attention`). Caches only Kr and V."""
     q_r, k_r = lisa_projections(w, hidden_states, position_embeddings)
     v = project(w.v_proj, hidden_states, w.num_kv_heads)
     # The low-rank keys are stored at the base model's precision (V's dtype), whatever lisa_dtype is,
@@ -194,8 +205,7 @@ def lisa_attention(
     mask = LF.additive_mask(attention_mask, q_r.shape[2], k_r.shape[2], q_r.dtype, q_r.device)
     if torch.is_grad_enabled():
         logits = lisa_logits(w, q_r, k_r, prev, mask)
-        probs = LF.masked_softmax(logits, mask, v.dtype)
-        out = LF.grouped_values(probs, v)
+        probs, out = _probs_and_values(logits, mask, v, need_probs)
     else:  # inference: the same numbers, computed a few query rows at a time (see LF.lisa_attention_rows)
         rows = LF.query_tile_rows(q_r.shape[2], k_r.shape[2], up.weight.shape[0], q_r.element_size())
         logits_out = state.empty_logits(tuple(prev.shape), q_r.dtype, q_r.device)

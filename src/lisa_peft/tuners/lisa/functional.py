@@ -90,6 +90,54 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, out_dtype: torch.dt
     return F.softmax(logits.float() + mask.float(), dim=-1).to(out_dtype)
 
 
+class _SoftmaxValuesRecompute(torch.autograd.Function):
+    """`grouped_values(masked_softmax(logits, mask, v.dtype), v)` with a backward that recomputes the
+    probabilities from the logits instead of saving them.
+
+    Autograd would keep the probabilities [B, H, T, N] of every anchor and LiSA layer until the
+    backward, beside the logits, which the next LiSA layer's FFN keeps anyway (its input). This keeps
+    only the logits, the mask and V, and recomputes softmax(logits + mask) one layer at a time in the
+    backward: a training step holds one [B, H, T, N] tensor per converted layer instead of two.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, mask, v):  # noqa: ANN001, ANN205 - autograd.Function signature
+        ctx.save_for_backward(logits, mask, v)
+        return grouped_values(masked_softmax(logits, mask, v.dtype), v)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        logits, mask, v = ctx.saved_tensors
+        probs = masked_softmax(logits, mask, torch.float32)  # [B, H, T, N], as the forward computed it
+        b, h, t, n = probs.shape
+        g = v.shape[1]
+        grad_v = None
+        if ctx.needs_input_grad[2]:  # P^T dO per KV head, summed over its g query heads
+            p_grouped = probs.to(v.dtype).reshape(b, g, (h // g) * t, n)
+            grad_v = torch.matmul(p_grouped.transpose(-1, -2), grad_out.reshape(b, g, (h // g) * t, -1))
+        grad_logits = None
+        if ctx.needs_input_grad[0]:  # softmax backward: P * (dP - sum(dP * P))
+            d_probs = torch.matmul(grad_out.reshape(b, g, (h // g) * t, -1), v.transpose(-1, -2))
+            d_probs = d_probs.view(b, h, t, n).float()
+            row_dot = torch.matmul(d_probs.unsqueeze(-2), probs.unsqueeze(-1)).squeeze(-1)  # [B, H, T, 1]
+            grad_logits = d_probs.sub_(row_dot).mul_(probs).to(logits.dtype)
+        return grad_logits, None, grad_v
+
+
+def softmax_values(logits: torch.Tensor, mask: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """P V with P = softmax(logits + mask) (float32 softmax, cast to V's dtype, as `masked_softmax`):
+    logits [B, H, T, N], v [B, G, N, D] -> [B, H, T, D] (GQA as `grouped_values`).
+
+    With autograd, the probabilities are recomputed in the backward instead of kept
+    (`_SoftmaxValuesRecompute`); the result and the gradients are those of
+    `grouped_values(masked_softmax(logits, mask, v.dtype), v)`.
+    """
+    if torch.is_grad_enabled() and (logits.requires_grad or v.requires_grad):
+        return _SoftmaxValuesRecompute.apply(logits, mask, v)
+    return grouped_values(masked_softmax(logits, mask, v.dtype), v)
+
+
 def _head_ffn_hidden(flat: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
     """relu(W1 x + b1): flat [B, H, P] -> [B, F, P] (bias fused in the GEMM, ReLU in place)."""
     return torch.baddbmm(b1[:, None], w1.expand(flat.shape[0], -1, -1), flat).relu_()
