@@ -58,12 +58,20 @@ def kv_cache_bytes(
 
 
 def stored_cache_bytes(cache: Any) -> int:
-    """Bytes a transformers KV cache really holds: the sum over its layers of keys and values."""
+    """Bytes a transformers KV cache really holds: the memory behind its layers' keys and values.
+
+    Counts each tensor's whole storage once, not just the viewed positions, so the spare room of a
+    `growing_cache.GrowingLayer` (keys/values are views of larger buffers) is counted too.
+    """
+    seen: set[int] = set()
     total = 0
     for layer in cache.layers:
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.nbytes
+            if isinstance(tensor, torch.Tensor) and tensor.numel():
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
     return total
 
 

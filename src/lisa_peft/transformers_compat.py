@@ -25,6 +25,8 @@ from packaging.version import Version
 from transformers.cache_utils import DynamicCache, DynamicLayer, StaticLayer
 from transformers.models.llama import modeling_llama
 
+from .growing_cache import GrowingLayer, grow_in_place
+
 # The transformers releases that CI runs the suite on (locked) and its fast subset on (oldest and
 # newest). Keep in step with setup.cfg and requirements/lock.txt.
 TESTED_TRANSFORMERS_MIN = "5.0.0"
@@ -85,8 +87,9 @@ CACHE_KWARG: str = _attention_cache_kwarg()
 modules, decoder layers and model forwards."""
 _LEGACY_CACHE_KWARG = "past_key_values" if CACHE_KWARG == "cache" else "cache"
 
-SUPPORTED_CACHE_LAYERS: tuple[type, ...] = (DynamicLayer, StaticLayer)
-"""Cache layer types LiSA and anchor layers write to (exact types: subclasses change the layout)."""
+SUPPORTED_CACHE_LAYERS: tuple[type, ...] = (DynamicLayer, GrowingLayer, StaticLayer)
+"""Cache layer types LiSA and anchor layers write to (exact types: subclasses change the layout).
+A `DynamicLayer` becomes a `GrowingLayer` on the first write (`update_cache`)."""
 
 
 def check_transformers_version(version: Version = TRANSFORMERS_VERSION) -> bool:
@@ -158,7 +161,9 @@ def update_cache(cache: Any, keys: torch.Tensor, values: torch.Tensor, layer_idx
     """Append keys [B, G, T, r or D] and values [B, G, T, D] to layer `layer_idx` of a transformers cache.
 
     Returns all cached keys/values of that layer, new ones included: N = the tokens so far for a growing
-    layer (`DynamicLayer`), N = `max_cache_len` for a pre-allocated one (`StaticLayer`, whose buffers take
+    layer (`DynamicLayer`, which becomes a `growing_cache.GrowingLayer` here: views of buffers with spare
+    room, so an append does not copy the layer), N = `max_cache_len` for a pre-allocated one (`StaticLayer`,
+    whose buffers take
     their last dimension from the first update, so LiSA's r-wide keys fit as they are); positions not yet
     written are zeros there and the attention mask must hide them (`static_cache_mask`). Other layer types
     (quantized, sliding-window) are refused.
@@ -169,6 +174,7 @@ def update_cache(cache: Any, keys: torch.Tensor, values: torch.Tensor, layer_idx
             f"The KV cache of layer {layer_idx} is a {type(layers[layer_idx]).__name__}. LiSA and anchor layers "
             "support DynamicCache (the default) and StaticCache (cache_implementation='static') only."
         )
+    grow_in_place(cache, layer_idx)  # append into spare room, not torch.cat of the whole layer (growing_cache.py)
     return cache.update(keys, values, layer_idx)
 
 
