@@ -9,7 +9,11 @@ one run's peak resident set size is not hidden by another's. In that process:
 * ``base``: the base model as ``AutoModelForCausalLM.from_pretrained`` gives it (sdpa attention);
 * ``lisa``: the same base with ``get_peft_model(base, LisaConfig(lisa_layers=...))``, library
   defaults otherwise (so the default ``prefill_chunk_size`` applies: nothing is chunked by hand);
-* ``lisa-chunk=N``: LiSA with ``prefill_chunk_size=N`` (``0`` = one pass), to compare chunk sizes.
+* ``lisa-chunk=N``: LiSA with ``prefill_chunk_size=N`` (``0`` = one pass), to compare chunk sizes;
+* ``base-growing``: the base model with every layer's cache stored as LiSA stores its layers'
+  (``growing_cache.GrowingLayer``: appends into spare room, no ``torch.cat`` of the layer per token).
+  A control, not a product variant: it separates what LiSA's decode speed owes to that storage from
+  what it owes to the method (smaller K, no full Q/K projections).
 
 ``--call generate`` (default) times ``model.generate(ids, max_new_tokens=S, min_new_tokens=S)``
 (greedy) with a streamer that records when each token arrives: the prefill time is the time to the
@@ -83,7 +87,7 @@ def build_model(variant: str, layers: list[int], model_path: str | None):
 
     model = AutoModelForCausalLM.from_pretrained(resolve_base_model(model_path), dtype="float32",
                                                  attn_implementation="sdpa")
-    if variant == "base":
+    if variant in ("base", "base-growing"):
         return model.eval()
     from peft import get_peft_model
 
@@ -95,8 +99,19 @@ def build_model(variant: str, layers: list[int], model_path: str | None):
     elif variant.startswith("lisa-r="):
         kwargs["r"] = int(variant.split("=", 1)[1])
     elif variant != "lisa":
-        raise ValueError(f"unknown variant {variant!r}: use base, lisa, lisa-chunk=N or lisa-r=N")
+        raise ValueError(f"unknown variant {variant!r}: use base, base-growing, lisa, lisa-chunk=N or lisa-r=N")
     return get_peft_model(model, LisaConfig(lisa_layers=layers, **kwargs)).eval()
+
+
+def growing_cache_kwargs(model) -> dict:
+    """`generate` keyword arguments that hand it an empty cache whose every layer is a `GrowingLayer`."""
+    from lisa_peft import transformers_compat as compat
+    from lisa_peft.growing_cache import grow_in_place
+
+    cache = compat.new_cache(model.config)
+    for idx in range(len(cache.layers)):
+        grow_in_place(cache, idx)
+    return compat.cache_kwargs(cache)
 
 
 def run_one(variant: str, tokens: int, new_tokens: int, call: str, layers: list[int],
@@ -112,8 +127,9 @@ def run_one(variant: str, tokens: int, new_tokens: int, call: str, layers: list[
     with torch.no_grad():
         if call == "generate":
             clock = TokenClock()
+            extra = growing_cache_kwargs(model) if variant == "base-growing" else {}
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, streamer=clock)
+                                 min_new_tokens=new_tokens, do_sample=False, streamer=clock, **extra)
             assert out.shape[1] == tokens + new_tokens, out.shape
             row["prefill_s"] = round(clock.times[0] - clock.start, 3)
             decode_s = clock.times[-1] - clock.times[0]

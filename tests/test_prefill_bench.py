@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.prefill import build_model, main, median_rows, parse_layers, ratio_table, run_one
+from benchmarks.prefill import build_model, growing_cache_kwargs, main, median_rows, parse_layers, ratio_table, run_one
 from tests.conftest import tiny_llama
 
 
@@ -15,7 +15,7 @@ def tiny_path(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("variant", ["base", "lisa", "lisa-chunk=8", "lisa-r=4"])
+@pytest.mark.parametrize("variant", ["base", "base-growing", "lisa", "lisa-chunk=8", "lisa-r=4"])
 def test_run_one_generate_measures_prefill_and_decode(tiny_path, variant):
     row = run_one(variant, tokens=20, new_tokens=4, call="generate", layers=[3, 4, 5], model_path=tiny_path)
     assert row["variant"] == variant and row["tokens"] == 20
@@ -26,6 +26,24 @@ def test_run_one_generate_measures_prefill_and_decode(tiny_path, variant):
 def test_variants_set_the_chunk_size_and_the_rank(tiny_path):
     assert build_model("lisa-r=4", [3, 4], tiny_path).peft_config["default"].r == 4
     assert build_model("lisa-chunk=8", [3, 4], tiny_path).peft_config["default"].prefill_chunk_size == 8
+
+
+def test_base_growing_control_stores_every_layer_growing_and_generates_the_same_tokens(tiny_path):
+    import torch
+
+    from lisa_peft.growing_cache import GrowingLayer
+
+    model = build_model("base-growing", [3], tiny_path)
+    ids = torch.randint(3, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+    kwargs = growing_cache_kwargs(model)
+    (cache,) = kwargs.values()
+    with torch.no_grad():
+        grown = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, **kwargs)
+        plain = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+    assert len(cache.layers) == model.config.num_hidden_layers
+    assert all(type(layer) is GrowingLayer for layer in cache.layers)
+    assert cache.get_seq_length() == 9 + 6 - 1
+    assert torch.equal(grown, plain)
 
 
 def test_run_one_forward_and_bad_inputs(tiny_path):
