@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ... import transformers_compat as compat
+from . import decode_step
 from . import functional as LF
 from .dispatch import anchor_kernel, kernel_plan, lisa_kernel
 from .state import LisaForwardState
@@ -117,11 +118,14 @@ def anchor_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Full attention that publishes its pre-mask logits -> (output [B, T, d], probabilities or None).
 
-    On the Triton kernel when `dispatch.kernel_plan` says so (then the probabilities are None, as with sdpa).
+    On the Triton kernel when `dispatch.kernel_plan` says so (then the probabilities are None, as with sdpa);
+    a maskless one-token decode step takes `decode_step.anchor_step` (same numbers, fewer PyTorch calls).
     need_probs=False (nothing observes the module's outputs): returns None for the probabilities
     instead of keeping a [B, H, T, N] tensor that nobody reads (in training, autograd does not keep
     them either: `LF.softmax_values` recomputes them in the backward).
     """
+    if decode_step.applies(w.kernel, hidden_states, attention_mask, cache, w.layer_idx, need_probs):
+        return decode_step.anchor_step(w, hidden_states, position_embeddings, cache, state), None
     q = project(w.q_proj, hidden_states, w.num_heads)
     k = project(w.k_proj, hidden_states, w.num_kv_heads)
     v = project(w.v_proj, hidden_states, w.num_kv_heads)
@@ -183,7 +187,10 @@ def lisa_attention(
     need_probs: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """LiSA attention -> (output [B, T, d], probabilities or None on the kernels or when not
-    `need_probs`, as in `anchor_attention`). Caches only Kr and V."""
+    `need_probs`, as in `anchor_attention`). Caches only Kr and V. A maskless one-token decode step takes
+    `decode_step.lisa_step` (same numbers, fewer PyTorch calls)."""
+    if decode_step.applies(w.kernel, hidden_states, attention_mask, cache, w.layer_idx, need_probs):
+        return decode_step.lisa_step(w, hidden_states, position_embeddings, cache, state), None
     q_r, k_r = lisa_projections(w, hidden_states, position_embeddings)
     v = project(w.v_proj, hidden_states, w.num_kv_heads)
     # The low-rank keys are stored at the base model's precision (V's dtype), whatever lisa_dtype is,
