@@ -90,14 +90,29 @@ def test_lean_step_is_not_taken_for_prefill_masks_autograd_or_read_probabilities
     with torch.no_grad():
         model(input_ids[:, 8:9], **cache_kwargs(cache), use_cache=True)
         assert step_calls["lisa"] == 3
-        # transformers records attentions with forward hooks that stay installed afterwards: from the
-        # first output_attentions call on, LiSA layers take the general path, which returns them
         out = model(input_ids[:, 9:10], **cache_kwargs(cache), use_cache=True, output_attentions=True)
-        assert step_calls["lisa"] == 3
+        assert step_calls["lisa"] == 3  # the general path returns the probabilities
         assert len(out.attentions) == 5  # layers 1-5 (anchors and LiSA); sdpa's layer 0 records none
         for probs in out.attentions:
             assert probs.shape == (2, 4, 1, 10)
             torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 1))
+        # transformers' recording hooks stay installed but read nothing now: the lean step again
+        # (before the fix every later call of the process took the general path and kept probabilities)
+        model(input_ids[:, 10:11], **cache_kwargs(cache), use_cache=True)
+        assert step_calls["lisa"] == 6
+
+
+def test_a_users_forward_hook_on_an_attention_module_gets_the_probabilities(input_ids, step_calls):
+    model = _model(2)
+    seen = []
+    lisa_attention = model.base_model.model.model.layers[3].self_attn
+    lisa_attention.base_layer.register_forward_hook(lambda module, args, output: seen.append(output[1]))
+    with torch.no_grad():
+        cache = output_cache(model(input_ids[:, :6], use_cache=True))
+        model(input_ids[:, 6:7], **cache_kwargs(cache), use_cache=True)
+    assert step_calls["lisa"] == 2  # layers 2 and 5; layer 3 took the general path for the hook
+    assert seen[-1].shape == (2, 4, 1, 7)
+    torch.testing.assert_close(seen[-1].sum(-1), torch.ones(2, 4, 1))
 
 
 def test_lean_step_is_not_taken_without_a_cache(input_ids, step_calls):

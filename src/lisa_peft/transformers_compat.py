@@ -44,6 +44,29 @@ SUPPORTS_PREFILL_CHUNKING: bool = hasattr(transformers.GenerationConfig(), "pref
 Only from 5.24, where it was tested: transformers 5.0 refuses it ("Cannot use prefill chunking without
 a cache") when generate creates the cache itself. Older releases still chunk long prefills in the
 decoder stack (`tuners/lisa/chunked.py`)."""
+try:  # where transformers records `output_attentions`: forward hooks that stay installed once added
+    from transformers.utils import output_capturing as _output_capturing
+except ImportError:  # a release without it: every hook counts as a reader (`hook_reads_attentions`)
+    _output_capturing = None
+
+
+def hook_reads_attentions(hook: Any) -> bool:
+    """Whether a forward hook on an attention module may read its probabilities in the current call.
+
+    transformers installs its output-capturing hook on the attention modules at the first
+    `output_attentions=True` call and leaves it there; afterwards it records only while a call asks for
+    attentions (its collector holds an "attentions" entry). That hook counts as a reader only then; any
+    other hook always counts (it may read whatever the module returns).
+    """
+    if _output_capturing is None or getattr(hook, "__module__", None) != _output_capturing.__name__:
+        return True
+    collector = getattr(_output_capturing, "_active_collector", None)
+    if collector is None:
+        return True
+    collected = collector.get()
+    return isinstance(collected, dict) and "attentions" in collected
+
+
 __all__ = [
     "CACHE_KWARG",
     "DynamicCache",
@@ -56,6 +79,7 @@ __all__ = [
     "apply_rotary_pos_emb",
     "attn_implementation",
     "cache_kwargs",
+    "hook_reads_attentions",
     "check_transformers_version",
     "model_output",
     "new_cache",

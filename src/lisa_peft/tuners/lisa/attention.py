@@ -91,9 +91,12 @@ def explicit_mask(
 
 
 def outputs_observed(*modules: nn.Module) -> bool:
-    """Whether a forward hook may read an attention module's outputs (transformers records
-    `output_attentions` with forward hooks on the attention modules; so do other tools)."""
-    return bool(nn.modules.module._global_forward_hooks) or any(m._forward_hooks for m in modules)
+    """Whether a forward hook may read an attention module's outputs in this call (transformers records
+    `output_attentions` with forward hooks on the attention modules, which stay installed but read only
+    while a call asks for attentions: `compat.hook_reads_attentions`; other tools' hooks always count)."""
+    if nn.modules.module._global_forward_hooks:
+        return True
+    return any(compat.hook_reads_attentions(hook) for m in modules for hook in m._forward_hooks.values())
 
 
 def _probs_and_values(
