@@ -203,3 +203,23 @@ def test_softmax_values_in_bfloat16_matches_the_unfused_ops():
     for g, w in zip(torch.autograd.grad(got, [logits, v], upstream), torch.autograd.grad(want, [logits, v], upstream)):
         assert g.dtype == w.dtype == torch.bfloat16
         torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
+
+
+def test_head_ffn_and_grouped_scores_write_into_out_with_the_same_numbers():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 6, 1, 7, generator=gen)
+    w1, b1, w2, b2 = (torch.randn(*s, generator=gen) for s in ((12, 6), (12,), (6, 12), (6,)))
+    out = torch.empty(2, 6, 1, 7)
+    assert LF.head_ffn(x, w1, b1, w2, b2, out=out) is out
+    assert torch.equal(out, LF.head_ffn(x, w1, b1, w2, b2))
+    q, k = torch.randn(2, 6, 1, 4, generator=gen), torch.randn(2, 3, 7, 4, generator=gen)
+    scores = torch.empty(2, 6, 1, 7)
+    assert LF.grouped_scores(q, k, 0.5, out=scores) is scores
+    assert torch.equal(scores, LF.grouped_scores(q, k, 0.5))
+
+
+def test_head_ffn_refuses_out_when_a_gradient_is_needed():
+    x = torch.randn(1, 2, 1, 3, requires_grad=True)
+    w1, b1, w2, b2 = torch.randn(4, 2), torch.randn(4), torch.randn(2, 4), torch.randn(2)
+    with pytest.raises(ValueError, match="for inference"):
+        LF.head_ffn(x, w1, b1, w2, b2, out=torch.empty(1, 2, 1, 3))

@@ -42,16 +42,10 @@ def applies(kernel: str, hidden_states: torch.Tensor, attention_mask: torch.Tens
     )
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + LF.rotate_half(x) * sin
-
-
-def _attend(logits: torch.Tensor, values: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+def _attend(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """softmax(logits) V: logits [B, H, 1, N], values [B, G, N, D] -> [B, 1, H * D] (softmax in fp32)."""
-    b, h, _, n = logits.shape
-    probs = torch.softmax(logits.float(), dim=-1).to(values.dtype)
-    out = torch.matmul(probs.view(b, num_kv_heads, h // num_kv_heads, n), values)  # [B, G, H/G, D]
-    return out.reshape(b, 1, -1)
+    out = LF.grouped_values(LF.softmax_fp32(logits, values.dtype), values)  # [B, H, 1, D]
+    return out.reshape(out.shape[0], 1, -1)
 
 
 def anchor_step(w: Any, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
@@ -66,9 +60,8 @@ def anchor_step(w: Any, hidden_states: torch.Tensor, position_embeddings: tuple[
     q, k = compat.apply_rotary_pos_emb(q, k, cos, sin)
     keys, values = compat.update_cache(cache, k, v, w.layer_idx)
     n = keys.shape[2]
-    logits = state.empty_logits((b, h, 1, n), q.dtype, q.device)
-    torch.matmul(q.view(b, g, h // g, -1) * w.scaling, keys.transpose(-1, -2), out=logits.view(b, g, h // g, n))
-    out = _attend(logits, values, g)
+    logits = LF.grouped_scores(q, keys, w.scaling, out=state.empty_logits((b, h, 1, n), q.dtype, q.device))
+    out = _attend(logits, values)
     state.publish(w.layer_idx, logits, out)
     return w.o_proj(out.to(w.o_proj.weight.dtype))
 
@@ -84,19 +77,18 @@ def lisa_step(w: Any, hidden_states: torch.Tensor, position_embeddings: tuple[to
     cos, sin = position_embeddings  # [B, 1, D]
     cos_r = cos[:, 0][:, w.rotary_index].to(q.dtype)  # [B, G, r]
     sin_r = sin[:, 0][:, w.rotary_index].to(q.dtype)
-    q = _rotate(q, cos_r[:, :, None], sin_r[:, :, None]).view(b, h, 1, -1)
-    k = _rotate(k, cos_r, sin_r).to(v.dtype).view(b, g, 1, -1)
+    q = LF.apply_rotary(q, cos_r[:, :, None], sin_r[:, :, None]).view(b, h, 1, -1)  # broadcast over H/G
+    k = LF.apply_rotary(k, cos_r, sin_r).to(v.dtype).view(b, g, 1, -1)
     keys, values = compat.update_cache(cache, k, v, w.layer_idx)
     n = keys.shape[2]
     prev = state.consume(w.layer_idx - 1).to(q.dtype)  # [B, H, 1, N]
     if w.share == "probs":
-        prev = torch.softmax(prev.float(), dim=-1).to(q.dtype)
+        prev = LF.softmax_fp32(prev, q.dtype)
     up, down = w.ffn_up, w.ffn_down
-    logits = state.empty_logits((b, h, 1, n), q.dtype, q.device)
-    hidden = torch.baddbmm(up.bias[:, None], up.weight.expand(b, -1, -1), prev.view(b, h, n)).relu_()
-    torch.baddbmm(down.bias[:, None], down.weight.expand(b, -1, -1), hidden, out=logits.view(b, h, n))
-    logits = LF.combine_scores(logits, q, keys.to(q.dtype), w.scaling, w.share)
-    out = _attend(logits, values, g)
+    aligned = LF.head_ffn(prev, up.weight, up.bias, down.weight, down.bias,
+                          out=state.empty_logits((b, h, 1, n), q.dtype, q.device))
+    logits = LF.combine_scores(aligned, q, keys.to(q.dtype), w.scaling, w.share)
+    out = _attend(logits, values)
     state.publish(w.layer_idx, logits, out)
     return w.o_proj(out.to(w.o_proj.weight.dtype))
 

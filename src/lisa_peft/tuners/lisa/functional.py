@@ -66,13 +66,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotate_half(x) * sin
 
 
-def grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * q k^T with GQA: q [B, H, T, e], k [B, G, N, e] -> [B, H, T, N] (no K repeat)."""
+def grouped_scores(q: torch.Tensor, k: torch.Tensor, scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """scale * q k^T with GQA: q [B, H, T, e], k [B, G, N, e] -> [B, H, T, N] (no K repeat); written into
+    `out` (a contiguous [B, H, T, N]) when given."""
     b, h, t, e = q.shape
-    g = k.shape[1]
+    g, n = k.shape[1], k.shape[2]
     # The scale goes on q ([B, H, T, e]), not on the [B, H, T, N] product: one pass over the scores fewer.
-    scores = torch.matmul(q.reshape(b, g, (h // g) * t, e) * scale, k.transpose(-1, -2))
-    return scores.view(b, h, t, k.shape[2])
+    queries, keys_t = q.reshape(b, g, (h // g) * t, e) * scale, k.transpose(-1, -2)
+    if out is None:
+        return torch.matmul(queries, keys_t).view(b, h, t, n)
+    torch.matmul(queries, keys_t, out=out.view(b, g, (h // g) * t, n))
+    return out
 
 
 def grouped_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -83,10 +87,15 @@ def grouped_values(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.view(b, h, t, v.shape[-1])
 
 
+def softmax_fp32(logits: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """softmax over keys (last axis) in float32, cast to `out_dtype` (as eager attention)."""
+    return F.softmax(logits.float(), dim=-1).to(out_dtype)
+
+
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """softmax(logits + mask) over keys in float32, cast to `out_dtype` (as eager attention)."""
     if mask.dim() == 0:  # `additive_mask`'s "nothing masked" (decode without a mask): skip adding zeros
-        return F.softmax(logits.float(), dim=-1).to(out_dtype)
+        return softmax_fp32(logits, out_dtype)
     return F.softmax(logits.float() + mask.float(), dim=-1).to(out_dtype)
 
 
@@ -143,11 +152,15 @@ def _head_ffn_hidden(flat: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor) -> 
     return torch.baddbmm(b1[:, None], w1.expand(flat.shape[0], -1, -1), flat).relu_()
 
 
-def _head_ffn_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
-                      ) -> torch.Tensor:
+def _head_ffn_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """The head FFN without autograd bookkeeping; written into `out` (a contiguous [B, H, T, N]) when given."""
     b, h, t, n = x.shape
     hidden = _head_ffn_hidden(x.reshape(b, h, t * n), w1, b1)
-    return torch.baddbmm(b2[:, None], w2.expand(b, -1, -1), hidden).view(b, h, t, n)
+    if out is None:
+        return torch.baddbmm(b2[:, None], w2.expand(b, -1, -1), hidden).view(b, h, t, n)
+    torch.baddbmm(b2[:, None], w2.expand(b, -1, -1), hidden, out=out.view(b, h, t * n))
+    return out
 
 
 class _HeadFFNRecompute(torch.autograd.Function):
@@ -181,7 +194,8 @@ class _HeadFFNRecompute(torch.autograd.Function):
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
 
 
-def head_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+def head_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+             out: torch.Tensor | None = None) -> torch.Tensor:
     """Head-alignment FFN along the head axis: x [B, H, T, N] -> [B, H, T, N].
 
     `W2 relu(W1 x[:, :, i, j] + b1) + b2` for every (query i, key j); w1 [F, H], w2 [H, F].
@@ -193,10 +207,14 @@ def head_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tens
     When a gradient is needed, the hidden activations are recomputed in the backward instead of being
     kept (`_HeadFFNRecompute`): a training step holds per LiSA layer the logits and the probabilities,
     not also the F hidden planes.
+    `out`: a contiguous [B, H, T, N] to write the result into (inference only: refused when a gradient
+    is needed).
     """
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2)):
+        if out is not None:
+            raise ValueError("head_ffn(out=...) is for inference; call it without `out` when a gradient is needed.")
         return _HeadFFNRecompute.apply(x, w1, b1, w2, b2)
-    return _head_ffn_forward(x, w1, b1, w2, b2)
+    return _head_ffn_forward(x, w1, b1, w2, b2, out)
 
 
 def combine_scores(aligned: torch.Tensor, q: torch.Tensor, k: torch.Tensor, scale: float, share: str) -> torch.Tensor:
