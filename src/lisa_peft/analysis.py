@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import transformers_compat as compat
+from .extras import require
 
 __all__ = ["adjacent_layer_similarity", "analyze", "attention_maps", "pairwise_js_sums", "plot_similarity"]
 
@@ -141,8 +142,7 @@ def adjacent_layer_similarity(
 def plot_similarity(result: dict, path: str | Path) -> None:
     """PNG: per-layer mean JS (same head vs best aligned) and a heads x layers heatmap of best-aligned JS
     annotated with the aligned head index. Adds the per-layer ``sensitivity`` on a second axis if present."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plot", "Plotting the head-similarity analysis")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

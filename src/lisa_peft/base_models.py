@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from .extras import require
+
 __all__ = [
     "DEMO_MODEL",
     "BaseModelUnavailableError",
@@ -176,6 +178,7 @@ def _build_lock(lock_path: Path) -> Iterator[None]:
 
 def _build_demo_model(target: Path, progress: bool) -> None:
     """Build the demo model folder into a temporary sibling of `target`, then move it into place."""
+    require("gguf", "demo", "Converting the demo model (SmolLM2-135M, shipped as a GGUF file)")
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

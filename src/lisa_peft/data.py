@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from .extras import require
+
 __all__ = ["chunk_token_windows", "embedded_corpus", "load_texts", "split_texts", "spread_windows", "token_windows"]
 
 
@@ -30,12 +32,7 @@ def _load_hf_dataset(spec: str) -> list[str]:
     name = parts[0]
     config = parts[1] if len(parts) > 1 and parts[1] else None
     split = parts[2] if len(parts) > 2 and parts[2] else "train"
-    try:
-        import datasets
-    except ImportError as err:
-        raise RuntimeError(
-            f"{spec!r} needs the `datasets` package (`pip install datasets`); or pass local .txt files."
-        ) from err
+    datasets = require("datasets", "data", f"The data source {spec!r} (or pass local .txt files instead)")
     ds = datasets.load_dataset(name, config, split=split)
     columns = [c for c, f in ds.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
     if not columns:

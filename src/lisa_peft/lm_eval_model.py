@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import os
 
-from lm_eval.api.registry import register_model
-from lm_eval.models.huggingface import HFLM
+from lisa_peft.extras import require
 
-import lisa_peft  # noqa: F401  (registers the LISA PEFT method before any adapter is loaded)
-from lisa_peft.metrics.core import lisa_layer_indices
+require("lm_eval", "eval", "The lm-evaluation-harness model `hf-lisa`")
+from lm_eval.api.registry import register_model  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+
+import lisa_peft  # noqa: E402, F401  (registers the LISA PEFT method before any adapter is loaded)
+from lisa_peft.metrics.core import lisa_layer_indices  # noqa: E402
 
 __all__ = ["HFLisaLM"]
 

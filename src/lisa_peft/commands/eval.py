@@ -72,7 +72,9 @@ def evaluate_adapter(
     log_samples: bool = False,
 ) -> dict:
     """lm_eval results dict (keys ``results``, ``config``, ... and ``samples`` if `log_samples`)."""
-    import lm_eval
+    from ..extras import require
+
+    lm_eval = require("lm_eval", "eval", "`lisa-peft eval` (lm-evaluation-harness)")
     import torch
     from lm_eval.tasks import TaskManager
 
@@ -102,6 +104,9 @@ def evaluate_adapter(
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..extras import require
+
+    require("lm_eval", "eval", "`lisa-peft eval` (lm-evaluation-harness)")
     from lm_eval.utils import handle_non_serializable, make_table
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
