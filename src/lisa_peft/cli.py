@@ -11,7 +11,7 @@ import importlib
 import sys
 
 # Sub-command modules under lisa_peft.commands, in the order `--help` lists them.
-COMMANDS: list[str] = ["demo", "fetch_model", "analyze", "train", "push", "eval"]
+COMMANDS: list[str] = ["demo", "fetch_model", "recipes", "analyze", "train", "push", "eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,13 +25,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors that describe a user's fixable mistake: printed as one message, without a traceback."""
+    from .extras import MissingExtraError
+    from .recipe_files import RecipeNotFoundError
+
+    return (MissingExtraError, RecipeNotFoundError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except user_errors() as err:
+        print(f"lisa-peft {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -17,23 +17,16 @@ from .compact import compact_sizes
 from .generation_check import verify_cached_generation
 from .memory import model_kv_cache_bytes, stored_cache_bytes
 from .recipe import load_recipe, run_recipe
+from .recipe_files import DEMO_RECIPE, resolve_recipe
 from .transformers_compat import output_cache
 
-DEFAULT_RECIPE = "recipes/demo_smollm2_cpu.yaml"
+DEFAULT_RECIPE = DEMO_RECIPE
 DEMO_PROMPT = "The most important idea in programming is"
 
 
 def find_recipe(path: str | None) -> Path:
-    """The recipe path as given, else the demo recipe in the working directory or the source checkout."""
-    if path:
-        return Path(path)
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        candidate = root / DEFAULT_RECIPE
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"{DEFAULT_RECIPE} not found: run the demo from a clone of lisa-peft, or pass --recipe PATH."
-    )
+    """The recipe file for a name or path (`recipe_files.resolve_recipe`); the bundled demo recipe by default."""
+    return resolve_recipe(path or DEFAULT_RECIPE)
 
 
 def _human_bytes(n: float) -> str:
