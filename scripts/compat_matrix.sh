@@ -12,10 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${LISA_VENV:-.venv}
 PY="$VENV/bin/python"
-SUBSET=(tests/test_cache.py tests/test_transformers_compat.py tests/test_save_load.py
-        "tests/test_training.py::test_trainer_trains_only_lisa_weights_and_loss_falls"
-        "tests/test_fidelity.py::test_trainer_train_uses_the_cached_teacher_and_never_runs_a_teacher_forward"
-        "tests/test_training.py::test_time_budget_callback_anneals_the_rate_over_the_budget_and_stops_at_its_end")
+mapfile -t SUBSET < <(grep -v -e '^#' -e '^$' scripts/compat_subset.txt)
 OLDEST=$(sed -n 's/^ *transformers>=\([0-9.]*\),.*/\1/p' setup.cfg | head -1)
 OLDEST_PEFT=$(sed -n 's/^ *peft>=\([0-9.]*\),.*/\1/p' setup.cfg | head -1)
 
