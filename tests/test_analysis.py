@@ -254,3 +254,23 @@ def test_cli_analyze_with_lisa_sensitivity(model_dir: Path, text_file: Path, tmp
     assert all(isinstance(v, float) for v in sensitivity[2:])
     assert result["sensitivity_unit"].startswith("LM-loss increase")
     assert "(full)" in capsys.readouterr().out
+
+
+def test_analyze_without_matplotlib_names_the_extra_before_loading_anything(
+    model_dir: Path, text_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    import sys
+
+    import lisa_peft.base_models
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(lisa_peft.base_models, "load_base_model",
+                        lambda *a, **k: pytest.fail("loaded the model although the figure cannot be drawn"))
+    argv = ["analyze", str(model_dir), "--text", str(text_file), "--num-sequences", "2", "--seq-len", "8",
+            "--out", str(tmp_path / "a")]
+    assert main(argv) == 2
+    assert "pip install 'lisa-peft[plot]'" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main([*argv, "--no-plot"]) == 0  # the JSON alone needs no plot extra
+    assert (tmp_path / "a" / "similarity.json").is_file() and not (tmp_path / "a" / "similarity.png").exists()

@@ -211,9 +211,10 @@ def analyze(
     batch_size: int = 4,
     sensitivity_fn: Callable[..., Sequence[float]] | None = None,
     progress: bool = True,
+    plot: bool = True,
 ) -> dict:
-    """Measure adjacent-layer attention similarity of a base model; write ``similarity.json`` and
-    ``similarity.png`` into `out_dir` and return the JSON content.
+    """Measure adjacent-layer attention similarity of a base model; write ``similarity.json`` and (with `plot`,
+    which needs the ``plot`` extra, checked before any work) ``similarity.png`` into `out_dir`; return the JSON.
 
     `model_name_or_path`: as in `lisa_peft.base_models.resolve_base_model` (None = the demo model).
     `texts`: calibration sources for `lisa_peft.data.load_texts` (text file paths or ``hf:NAME...``; None =
@@ -226,6 +227,8 @@ def analyze(
     from lisa_peft.base_models import DEMO_MODEL, load_base_model
     from lisa_peft.data import chunk_token_windows, load_texts
 
+    if plot:
+        require("matplotlib", "plot", "The similarity figure (similarity.png; pass plot=False or --no-plot to skip it)")
     model, tokenizer = load_base_model(model_name_or_path, attn_implementation="eager")
     input_ids = chunk_token_windows(tokenizer, load_texts(texts), num_sequences, seq_len)
     attention_mask = torch.ones_like(input_ids)
@@ -259,5 +262,6 @@ def analyze(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "similarity.json").write_text(json.dumps(result, indent=1) + "\n")
-    plot_similarity(result, out / "similarity.png")
+    if plot:
+        plot_similarity(result, out / "similarity.png")
     return result

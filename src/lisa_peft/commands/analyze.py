@@ -35,6 +35,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="also measure per-layer LiSA sensitivity: the LM-loss increase when each layer alone is a "
         "calibrated LiSA layer (what lisa_layers='auto' ranks by; one model forward per layer)",
     )
+    parser.add_argument("--no-plot", action="store_true",
+                        help="write only similarity.json (the figure needs: pip install 'lisa-peft[plot]')")
     parser.set_defaults(func=run)
     return parser
 
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         result = analyze(
             args.model, texts=args.text, num_sequences=args.num_sequences, seq_len=args.seq_len,
             out_dir=args.out, batch_size=args.batch_size,
-            sensitivity_fn=lisa_sensitivity if args.sensitivity else None,
+            sensitivity_fn=lisa_sensitivity if args.sensitivity else None, plot=not args.no_plot,
         )
     except (BaseModelUnavailableError, FileNotFoundError, ValueError) as err:
         print(f"lisa-peft analyze: {err}", file=sys.stderr)
@@ -61,5 +63,5 @@ def run(args: argparse.Namespace) -> int:
             extra = f"  {value:>11.4f}" if value is not None else f"  {'(full)':>11}"
         print(f"{layer:>5}  {same:>12.4f}  {best:>15.4f}{extra}")
     out = Path(args.out)
-    print(f"wrote {out / 'similarity.json'} and {out / 'similarity.png'}")
+    print(f"wrote {out / 'similarity.json'}" + ("" if args.no_plot else f" and {out / 'similarity.png'}"))
     return 0
