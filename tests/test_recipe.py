@@ -47,7 +47,7 @@ def test_load_recipe_applies_overrides_and_rejects_mistakes(tmp_path, tiny_setup
         load_recipe(tiny_setup["path"], ["max_steps"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("base_model: x\ntrainnig: {}\n")
-    with pytest.raises(ValueError, match=r"unknown section\(s\) \['trainnig'\]"):
+    with pytest.raises(ValueError, match=r"trainnig: unknown key; did you mean 'training'\?"):
         load_recipe(bad)
     with pytest.raises(FileNotFoundError, match="Recipe not found"):
         load_recipe(tmp_path / "missing.yaml")

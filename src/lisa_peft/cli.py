@@ -30,7 +30,10 @@ def user_errors() -> tuple[type[Exception], ...]:
     from .extras import MissingExtraError
     from .recipe_files import RecipeNotFoundError
 
-    return (MissingExtraError, RecipeNotFoundError)
+    # A RecipeError (a wrong key, type or value in a recipe) can only come from an imported lisa_peft.recipe;
+    # looking it up there keeps torch and transformers out of the handling of every other error.
+    recipe = sys.modules.get("lisa_peft.recipe")
+    return (MissingExtraError, RecipeNotFoundError) + ((recipe.RecipeError,) if recipe is not None else ())
 
 
 def main(argv: list[str] | None = None) -> int:

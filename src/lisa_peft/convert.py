@@ -34,6 +34,7 @@ from .tuners.lisa.layer import ROLE_ANCHOR, ROLE_LISA, LisaAttention
 from .tuners.lisa.model import add_forward_state, backbone, default_rank
 
 logger = logging.getLogger(__name__)
+SELECT_LAYERS_BY = ("loss", "output_kl")  # what `lisa_layers="auto"` ranks the candidate layers by
 
 
 def _resolve_shape_defaults(config: LisaConfig, model_config) -> LisaConfig:
@@ -193,8 +194,8 @@ def convert(
     tokenizing `calibration_texts` (then `tokenizer` may be None). sensitivity_sequences: how
     many calibration windows the per-layer loss probe of `lisa_layers="auto"` runs on.
     """
-    if select_layers_by not in ("loss", "output_kl"):
-        raise ValueError(f"select_layers_by={select_layers_by!r}: choose 'loss' or 'output_kl'.")
+    if select_layers_by not in SELECT_LAYERS_BY:
+        raise ValueError(f"select_layers_by={select_layers_by!r}: choose one of {SELECT_LAYERS_BY}.")
     config = copy.deepcopy(config)
     if calibration_ids is not None:
         input_ids = calibration_ids
