@@ -10,9 +10,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "demo",
         help="Real model -> calibrated LiSA -> training -> evaluation -> save -> reload -> generation.",
-        description="Runs recipes/demo_smollm2_cpu.yaml (about 15 minutes on 2 CPU cores) and prints a table.",
+        description="Runs the bundled recipe demo_smollm2_cpu (about 15 minutes on 2 CPU cores) and prints a table. "
+        "Outputs go under the working directory.",
     )
-    parser.add_argument("--recipe", default=None, help="Recipe YAML (default: recipes/demo_smollm2_cpu.yaml).")
+    parser.add_argument("--recipe", default=None,
+                        help="A bundled recipe's name or a recipe YAML file (default: demo_smollm2_cpu).")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="Override a recipe value, e.g. --set training.max_steps=20 (repeatable).")
     parser.add_argument("--push-to", default=None, metavar="ORG/NAME",

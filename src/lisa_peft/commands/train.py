@@ -10,10 +10,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train",
         help="Run a training recipe (YAML): calibrate LiSA on a base model, train, save the adapter.",
-        description="Run a recipe from recipes/ (or your own). Multi-GPU: `accelerate launch --config_file "
-        "recipes/accelerate/ddp.yaml -m lisa_peft.cli train RECIPE.yaml`.",
+        description="Run a bundled recipe by name (`lisa-peft recipes` lists them) or your own YAML file. "
+        "Multi-GPU: `accelerate launch --config_file CONFIG -m lisa_peft.cli train RECIPE` (bundled configs: "
+        "`lisa-peft recipes`).",
     )
-    parser.add_argument("recipe", help="Path of the recipe YAML file.")
+    parser.add_argument("recipe", help="A bundled recipe's name (e.g. quality_smollm2_cpu) or a recipe YAML file.")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -30,8 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from ..recipe import load_recipe, run_recipe
+    from ..recipe_files import resolve_recipe
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(resolve_recipe(args.recipe), args.overrides)
     summary = run_recipe(recipe, progress=not args.quiet, resume=not args.no_resume)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("model", "eval_windows", "tokenizer")}, indent=2))
     return 0
