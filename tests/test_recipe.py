@@ -109,6 +109,30 @@ def test_a_converted_adapter_of_other_settings_is_never_reused_silently(tiny_set
         run_recipe(changed, progress=False)
 
 
+def test_a_stale_converted_adapter_is_refused_before_the_model_loads_and_without_a_traceback(
+    tiny_setup, tmp_path, monkeypatch, capsys
+):
+    import lisa_peft.base_models
+    from lisa_peft.cli import main
+    from lisa_peft.recipe import CONVERSION_SETTINGS_FILE, RecipeError, conversion_settings
+
+    out = tmp_path / "o"
+    (out / "lisa_init").mkdir(parents=True)
+    (out / "lisa_init" / "adapter_config.json").write_text("{}")
+    recipe = {**tiny_setup["recipe"], "training": {**tiny_setup["recipe"]["training"], "output_dir": str(out)}}
+    old = conversion_settings({**recipe, "lisa": {**recipe["lisa"], "r": 2}})
+    (out / "lisa_init" / CONVERSION_SETTINGS_FILE).write_text(json.dumps(old))
+    monkeypatch.setattr(lisa_peft.base_models, "load_base_model",
+                        lambda *a, **k: pytest.fail("loaded the model before refusing the stale adapter"))
+    with pytest.raises(RecipeError, match="converted with other settings"):
+        run_recipe(recipe, progress=False)
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump(recipe))
+    assert main(["train", str(recipe_file)]) == 2
+    err = capsys.readouterr().err
+    assert "--no-resume" in err and "Traceback" not in err
+
+
 def test_recipe_defaults_distill_on_text_sampled_from_the_base_and_evaluate_on_another_source(
     tiny_setup, tmp_path, monkeypatch
 ):

@@ -667,7 +667,7 @@ def conversion_settings(recipe: dict[str, Any]) -> dict[str, Any]:
 
 
 def check_same_conversion(init_dir: Path, settings: dict[str, Any]) -> None:
-    """Raise a ValueError if the adapter in init_dir was converted with other settings (or with unknown
+    """Raise a `RecipeError` if the adapter in init_dir was converted with other settings (or with unknown
     ones: saved by a version that did not record them)."""
     saved_file = init_dir / CONVERSION_SETTINGS_FILE
     saved = json.loads(saved_file.read_text()) if saved_file.is_file() else None
@@ -679,11 +679,11 @@ def check_same_conversion(init_dir: Path, settings: dict[str, Any]) -> None:
         changed = sorted(k for k in settings if saved.get(k) != settings[k])
         what = "; ".join(f"{k}: {saved.get(k)} -> {settings[k]}" for k in changed)
         what = f"{init_dir} was converted with other settings ({what})"
-    raise ValueError(
+    raise RecipeError(str(init_dir), [("", (
         f"{what}, so it does not belong to this recipe. Run again with --no-resume (Python: "
         f"run_recipe(recipe, resume=False)) to convert afresh and replace it, or set training.output_dir "
-        "to another folder."
-    )
+        "to another folder"
+    ))])
 
 
 def _is_main_process() -> bool:
@@ -704,6 +704,9 @@ def run_recipe(recipe: dict[str, Any], progress: bool = True, resume: bool | str
     validate_recipe(recipe)
     training = training_settings(recipe, progress)
     output_dir = Path(training["output_dir"])
+    init_dir = output_dir / INIT_ADAPTER_DIR
+    if resume and (init_dir / "adapter_config.json").is_file():  # before the model loads: a stale adapter
+        check_same_conversion(init_dir, conversion_settings(recipe))
     model, tokenizer = load_base_model(recipe["base_model"], dtype=_DTYPES[setting(recipe, RECIPE_KEYS, "dtype")])
     data = prepare_data(tokenizer, recipe, model=model, progress=progress)
     train, evaluation, eval_name = data["train"], data["eval"], data["eval_name"]
