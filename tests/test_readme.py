@@ -1,4 +1,5 @@
-"""The README's Quick start block and the package docstring example run as written."""
+"""The README's Quick start and compact-model blocks, the runnable examples of docs/ and the package docstring
+example run as written (tests/test_docs.py checks that every other code block in README.md and docs/ parses)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ import lisa_peft
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _section_code(title: str) -> str:
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split(f"## {title}\n", 1)[1]
+def _section_code(title: str, document: str = "README.md") -> str:
+    """The first python block after the heading `## {title}` of `document` (a path relative to the root)."""
+    text = (ROOT / document).read_text()
+    assert f"## {title}\n" in text, f"{document} has no section {title!r}"
+    section = text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
     match = re.search(r"```python\n(.*?)```", section, re.S)
-    assert match, f"README {title} has no python block"
+    assert match, f"{document} section {title!r} has no python block"
     return match.group(1)
 
 
@@ -39,7 +42,7 @@ def test_readme_lisa_with_lora_example_runs(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(_section_code("LiSA with LoRA"), "README.md", "exec"), namespace)
+    exec(compile(_section_code("LiSA with LoRA", "docs/training.md"), "docs/training.md", "exec"), namespace)
     assert sorted(p.name for p in (tmp_path / "runs/lisa-lora").iterdir()) == ["README.md", "attn", "mlp"]
     plain = namespace["plain"]
     assert type(plain).__name__ == "LlamaForCausalLM"
@@ -53,8 +56,7 @@ def test_readme_compact_path_runs(tmp_path, monkeypatch):
     import torch
 
     monkeypatch.chdir(tmp_path)
-    section = (ROOT / "README.md").read_text().split("## Deploying: the compact model", 1)[1]
-    compact_code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    compact_code = _section_code("Deploying: the compact model")
     assert len(compact_code.strip().splitlines()) == 3
     namespace: dict = {}
     exec(compile(_quick_start_code(), "README.md", "exec"), namespace)
@@ -78,7 +80,7 @@ def test_package_docstring_example():
 
 
 def test_readme_fidelity_example_runs(tmp_path, monkeypatch):
-    """The fidelity / zero-shot snippet of "Evaluation and analysis", on a tiny model with a char tokenizer."""
+    """The fidelity / zero-shot example of docs/evaluation.md, on a tiny model with a char tokenizer."""
     import json
     import textwrap
 
@@ -95,7 +97,7 @@ def test_readme_fidelity_example_runs(tmp_path, monkeypatch):
     lisa_model = get_peft_model(tiny_llama(num_layers=4, vocab_size=len(tokenizer), max_position_embeddings=512),
                                 LisaConfig(lisa_layers=[2, 3]))
     namespace = {"lisa_model": lisa_model, "tokenizer": tokenizer, "text": sample_text(8000)}
-    code = textwrap.dedent(_section_code("Evaluation and analysis"))
-    exec(compile(code, "README.md", "exec"), namespace)
+    code = textwrap.dedent(_section_code("Fidelity and zero-shot", "docs/evaluation.md"))
+    exec(compile(code, "docs/evaluation.md", "exec"), namespace)
     assert namespace["report"].tokens == 16 * 255 and namespace["report"].ppl_ratio > 0
     assert set(namespace["compare_zero_shot"](lisa_model, tokenizer, namespace["questions"])) == {"base", "lisa"}
