@@ -4,8 +4,8 @@ Layer by layer, the calibration windows run through the LiSA model and the base 
 LiSA layer, Adam fits that layer's LiSA weights so that its whole decoder block (LiSA attention, residual,
 MLP), fed the LiSA model's own hidden states (earlier errors included) and the previous layer's LiSA-model
 logits, reproduces the base model's block output (mean squared error over all positions but the first).
-As BRECQ / OmniQuant do for quantisation. Measured in README "Fidelity": it helps less per CPU-minute than
-end-to-end distillation, so the recipes do not use it.
+As BRECQ / OmniQuant do for quantisation. Measured in docs/fidelity.md ("Conversion stages"): it helps less
+per CPU-minute than end-to-end distillation, so the recipes do not use it.
 """
 
 from __future__ import annotations

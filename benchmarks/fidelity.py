@@ -7,8 +7,8 @@ against the base model's cached top-64 log-probabilities (`lisa_peft.training.ca
 and every `--every` steps it prints KL(base || LiSA) and the perplexity ratio LiSA/base
 (`lisa_peft.fidelity`) on two held-out texts of sources it never trains on:
 
-* ``shakespeare``: the last 10% of ``../shared/data/tinyshakespeare.txt`` (development data, read from
-  there, never copied);
+* ``shakespeare``: the last 10% of ``tinyshakespeare.txt``, development text that is not part of the
+  repository (read where ``SHARED`` points, never copied; left out when the file is absent);
 * ``pydoc``: Python's pydoc topics (the demo's held-out text);
 16 windows of 256 tokens each, spread evenly over the text. Training and calibration text: windows
 sampled from the base model (`lisa_peft.sampled_corpus.sampled_windows`).

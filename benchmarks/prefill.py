@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-# The demo adapter's layers on SmolLM2-135M (recipes/demo_smollm2_cpu.yaml, README "Fidelity"): 12 of 30.
+# The demo adapter's layers on SmolLM2-135M (recipes/demo_smollm2_cpu.yaml, docs/fidelity.md): 12 of 30.
 DEMO_LAYERS = [6, 7, 8, 15, 20, 21, 23, 24, 25, 27, 28, 29]
 RESULTS = Path(__file__).resolve().parent / "results"
 

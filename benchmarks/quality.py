@@ -1,6 +1,6 @@
 """Held-out perplexity of LiSA vs the base model on tinyshakespeare, and the ablations.
 
-Convention (shared/data/README.md): the first 90% of `tinyshakespeare.txt` is for calibration and
+Convention of the project's development text: the first 90% of `tinyshakespeare.txt` is for calibration and
 training, the last 10% is held out; perplexity on 512-token windows of the held-out part.
 
     python benchmarks/quality.py --fractions 0.4 --train-minutes 8          # quality bar

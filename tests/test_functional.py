@@ -1,4 +1,5 @@
-"""The PyTorch path's head-alignment FFN equals the per-(query, key) MLP of the spec, values and gradients."""
+"""The PyTorch path's head-alignment FFN equals the per-(query, key) MLP of the method (docs/method.md), values
+and gradients."""
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def test_head_ffn_without_grad_needs_no_autograd_graph():
 
 
 def _explicit_scores(aligned, q, k, scale, share):
-    """Independent: repeat each KV head's keys for its query heads, then the spec's combination."""
+    """Independent: repeat each KV head's keys for its query heads, then the method's combination."""
     keys = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # [B, H, N, r]: query head h reads kv head h // g
     delta = scale * torch.einsum("bhtr,bhnr->bhtn", q, keys)
     base = aligned if share == "logits" else torch.log(torch.relu(aligned) + LF.PROBS_EPS)

@@ -26,7 +26,7 @@ def demo_model():
 
 
 def test_calibrated_init_beats_identity_init_on_the_real_model(demo_model):
-    """The spec's claim for "calibrate": right after init the model is far better than naive init."""
+    """What "calibrate" promises: right after init the model is far better than naive init."""
     from peft import get_peft_model
 
     from lisa_peft import LisaConfig

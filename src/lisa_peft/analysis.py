@@ -1,6 +1,6 @@
 """How similar are adjacent layers' attention patterns in a base model, with and without re-aligning heads?
 
-LiSA (spec/LISA.md) rests on the observation that layer l's attention resembles layer l-1's once the heads
+LiSA (docs/method.md) rests on the observation that layer l's attention resembles layer l-1's once the heads
 are matched up. For every layer l >= 1 and head i this module measures the Jensen-Shannon divergence (natural
 log, so between 0 and ln 2 = 0.693) between the attention distributions over keys of
 

@@ -1,4 +1,4 @@
-"""Calibration of LiSA layers on text through the frozen base model (spec "Initialisation").
+"""Calibration of LiSA layers on text through the frozen base model (docs/method.md, "Initialisation").
 
 Everything here is teacher-forced: the hidden states entering each layer's attention are
 captured once from the *base* model (`capture_attention_inputs`), so every layer can be

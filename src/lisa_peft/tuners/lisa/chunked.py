@@ -1,7 +1,7 @@
 """Chunked prefill: the decoder stack runs a long input as query chunks over a growing KV cache.
 
 Row i of a LiSA layer's logits depends only on row i of the previous layer's logits and on this
-layer's keys (spec, "Cost of the logits chain"), and the KV cache carries the keys of earlier rows.
+layer's keys (docs/method.md, "Cost of the logits chain"), and the KV cache carries the keys of earlier rows.
 So a long input can run as chunks of `prefill_chunk_size` query rows, each attending to the cache
 built by the chunks before it, with the results of one pass: logit memory falls from O(B·H·T²) per
 layer to O(B·H·chunk·T), and only the causal part of the score matrices is computed.

@@ -2,12 +2,12 @@
 
 One wrapper per wrapped `self_attn`; for each adapter name it has a *role*:
 
-* `"lisa"`: the layer's attention scores are replaced (spec "LiSA layer"). It owns that
+* `"lisa"`: the layer's attention scores are replaced (docs/method.md, "LiSA layer"). It owns that
   adapter's weights: `lisa_ffn_up` / `lisa_ffn_down` (head alignment FFN, W1/b1 and W2/b2),
   `lisa_q_proj` / `lisa_k_proj` (low-rank Q/K on the kept rotary planes) and the
   non-trainable plane index `lisa_rotary`.
 * `"anchor"`: a full attention layer right before a run of LiSA layers. It computes attention
-  explicitly so that it can hand its pre-mask logits on (spec "Full (anchor) layer").
+  explicitly so that it can hand its pre-mask logits on (docs/method.md, "Anchor layer").
 
 With adapters disabled, or when the active adapter gives the layer no role, the wrapped module
 runs unchanged (bit-exact base model).

@@ -126,7 +126,7 @@ def _grows_dynamically(kwargs: dict[str, Any], generation_config: Any) -> bool:
 
 
 class LisaModel(BaseTuner):
-    """Creates LiSA layers from a pre-trained LLaMA-architecture model (spec `LISA.md`).
+    """Creates LiSA layers from a pre-trained LLaMA-architecture model (the method: docs/method.md).
 
     Example:
         ```py
