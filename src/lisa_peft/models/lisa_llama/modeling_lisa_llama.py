@@ -1,6 +1,6 @@
 """`LisaLlamaForCausalLM`: the compact (deployable) form of a LiSA model, a registered transformers model.
 
-A LLaMA model whose LiSA layers (spec "The compact model") hold only what they compute with: the low-rank
+A LLaMA model whose LiSA layers (docs/method.md, "The compact model") hold only what they compute with: the low-rank
 `lisa_q_proj` [H*r, d] / `lisa_k_proj` [G*r, d], the head FFN `lisa_ffn_up` [F, H] / `lisa_ffn_down` [H, F],
 and the base `v_proj` / `o_proj`. Their base W_q / W_k are gone. Full layers are LLaMA's; the full layer right
 before each run of LiSA layers (anchor) computes its attention explicitly to hand its logits on. The forward

@@ -26,7 +26,7 @@ LISA_DTYPES = ("float32", "float16", "bfloat16")
 
 @dataclass
 class LisaConfig(PeftConfig):
-    """Configuration of a LiSA adapter (cross-layer attention sharing, spec `LISA.md`).
+    """Configuration of a LiSA adapter (cross-layer attention sharing, docs/method.md).
 
     A LiSA layer replaces the self-attention scores of a pre-trained layer by a head-aligned copy
     of the previous layer's pre-mask logits (a tiny FFN over the head axis) plus a low-rank
@@ -46,7 +46,7 @@ class LisaConfig(PeftConfig):
             `S = A + delta`. `"probs"`: the FFN reads the previous layer's probabilities and
             `S = log(relu(A) + eps) + delta`.
         init_lisa_weights: `"calibrate"`: planes chosen by their contribution to the scores on
-            calibration text, FFN fitted by least squares to the residual (spec), done by
+            calibration text, FFN fitted by least squares to the residual (docs/method.md), done by
             `lisa_peft.convert` (it needs data, which `get_peft_model` does not have: there the
             default stays `"identity"`, a decision of ours). `"identity"`: FFN = identity map,
             delta = the base layer's own score restricted to the `r/2` rotary planes with the
@@ -75,7 +75,7 @@ class LisaConfig(PeftConfig):
             the call or the generation config sets it). `None` or 0: one pass. Training (grad mode
             on) always runs in one pass. The default, 256, was the fastest of 256/512/1024 at 2,048
             and 4,096 tokens on SmolLM2-135M with similar peak memory
-            (`benchmarks/prefill_chunk_size.py`, README).
+            (`benchmarks/prefill_chunk_size.py`, docs/inference.md).
         rotary_planes: Resolved at injection: for each LiSA layer (key = layer index as a
             string) the rotary plane indices kept per KV head, shape [G][r/2]. Set it only to
             reproduce an adapter exactly (loading does this from the saved config).
