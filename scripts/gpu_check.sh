@@ -69,8 +69,10 @@ if [ "${1:-}" = "--env" ]; then  # the env stage (run under timeout): install, w
         rm -rf "$SITE" && mkdir -p "$SITE"
         wheels=()
         if compgen -G "$WHEELS/*.whl" >/dev/null; then wheels=("$WHEELS"/*.whl); say "carried wheels: ${wheels[*]}"; fi
+        # Built from a copy: pip builds in the source folder, and a build/ left in the checkout goes stale.
+        mkdir -p "$work/pkg" && cp -r setup.py setup.cfg pyproject.toml README.md src kernels model_cards recipes "$work/pkg/"
         if "$BASE_PY" -m pip install -q --no-deps --no-index --no-build-isolation --no-compile --disable-pip-version-check \
-                --target "$SITE" . "${wheels[@]}"; then
+                --target "$SITE" "$work/pkg" "${wheels[@]}"; then
             path=$SITE
         else
             say "pip could not install lisa-peft into $SITE: using the source tree (src/ and kernels/) instead"
