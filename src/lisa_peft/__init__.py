@@ -27,6 +27,7 @@ from .loading import install_loading_guards
 from .mixed import install_mixed_model_guard
 from .models.lisa_llama import LisaLlamaConfig, LisaLlamaForCausalLM, register_lisa_llama
 from .registration import register_lisa
+from .task_types import install_task_type_guard
 from .tuners.lisa import LisaAttention, LisaConfig, LisaModel
 from .version import __version__
 
@@ -35,6 +36,7 @@ register_lisa()
 install_hub_hooks()
 install_loading_guards()
 install_mixed_model_guard()
+install_task_type_guard()
 register_lisa_llama()
 
 __all__ = [

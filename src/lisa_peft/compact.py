@@ -90,8 +90,29 @@ def compact_config(base_config: Any, lisa: LisaConfig, lisa_dtype: torch.dtype, 
     return config
 
 
+def check_causal_lm(model: nn.Module, lisa: LisaConfig) -> None:
+    """Refuse a base model that is not a causal LM: the compact model is a `LisaLlamaForCausalLM`."""
+    if callable(getattr(model, "prepare_inputs_for_generation", None)) and hasattr(model, "lm_head"):
+        return
+    task = getattr(lisa.task_type, "value", lisa.task_type)
+    raise ValueError(
+        f"merge_and_unload() builds the compact causal LM (LisaLlamaForCausalLM), but this LiSA adapter sits on a "
+        f"{type(model).__name__} (task_type={task!r}), which has no compact form. Keep the PeftModel and save the "
+        "adapter with model.save_pretrained(folder) (it holds the LiSA weights and the trained head), or get the base "
+        "model back with model.unload()."
+    )
+
+
 def compact_key(key: str, adapter: str, lisa_layers: set[int]) -> str | None:
-    """Name in the compact model of a PEFT-model tensor (None: not part of it)."""
+    """Name in the compact model of a PEFT-model tensor (None: not part of it). A `modules_to_save` module
+    becomes the adapter's trained copy."""
+    owner, found, rest = key.partition(".modules_to_save.")
+    if found:  # keep this adapter's trained copy, drop other adapters' copies
+        if not rest.startswith(f"{adapter}."):
+            return None
+        return compact_key(f"{owner}.{rest[len(adapter) + 1:]}", adapter, lisa_layers)
+    if ".original_module." in key:
+        return None  # the untrained original of a modules_to_save module
     match = _ATTN_KEY.match(key)
     if match is None:
         return key
@@ -122,6 +143,7 @@ def merge_lisa_adapter(
     model = tuner.model
     check_only_lisa(model)
     lisa = tuner.peft_config[adapter]
+    check_causal_lm(model, lisa)
     layers = set(lisa.lisa_layers)
     tensors: dict[str, torch.Tensor] = {}
     for key, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
@@ -147,8 +169,23 @@ def merge_lisa_adapter(
     for name, tensor in tensors.items():
         _assign(compact, name, tensor)
     compact.tie_weights()
+    retied = sorted(name for name, tensor in tensors.items()
+                    if _tensor_at(compact, name).data_ptr() != tensor.data_ptr())
+    if retied:
+        raise ValueError(
+            f"The compact model ties {retied} to other weights (tie_word_embeddings=True), which would drop the "
+            f"adapter's trained copies (modules_to_save={lisa.modules_to_save}). Train the head untied, or keep the "
+            "PeftModel."
+        )
     compact.generation_config = copy.deepcopy(model.generation_config)
     return compact.eval()
+
+
+def _tensor_at(model: nn.Module, name: str) -> torch.Tensor:
+    owner_name, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    found = owner._parameters.get(leaf)
+    return found if found is not None else owner._buffers[leaf]
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
@@ -164,6 +201,7 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------- sizes
 __all__ = [
     "CompactSizes",
+    "check_causal_lm",
     "check_only_lisa",
     "compact_config",
     "compact_key",

@@ -4,7 +4,9 @@ Loading must never silently change the model: PEFT and transformers load adapter
 `strict=False`, so a missing LiSA tensor would leave that layer at its init weights, an integer tensor
 would be cast silently, and NaN/inf would turn every logit into NaN. `check_lisa_state_dict` refuses
 all of these with an error that names the file (`checkpoint_source`), the tensors and the fix, and
-warns about tensors that no LiSA layer of the adapter uses.
+warns about tensors that no LiSA layer of the adapter uses. The adapter's `modules_to_save` copies (a
+classification head, `task_type="SEQ_CLS"`) must be in the checkpoint too: left out, the head would keep its
+random init.
 
 Keys are compared in checkpoint form: the module path without PEFT's `base_model.model.` prefix and
 without the adapter name, e.g. `model.layers.3.self_attn.lisa_ffn_up.weight`.
@@ -18,6 +20,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
 from .layer import LisaAttention
@@ -61,6 +64,22 @@ def expected_lisa_tensors(model: nn.Module, adapter_name: str) -> dict[str, tupl
     return expected
 
 
+def expected_auxiliary_tensors(model: nn.Module, adapter_name: str) -> dict[str, str]:
+    """Saved checkpoint key -> the key PEFT loads it under, for the tensors of the modules that the LiSA config
+    `adapter_name` lists in `modules_to_save`; a state dict holds either form, depending on the loader. (Wrappers
+    of another adapter stacked on the same model, e.g. LoRA's, are not this adapter's.)"""
+    configs = getattr(model, "peft_config", None)
+    config = configs.get(adapter_name) if isinstance(configs, dict) else None
+    names = list(getattr(config, "modules_to_save", None) or [])
+    keys = {}
+    for module_name, module in model.named_modules():
+        short = checkpoint_key(module_name)
+        if isinstance(module, AuxiliaryTrainingWrapper) and any(short == n or short.endswith(f".{n}") for n in names):
+            for saved, loaded in module.adapter_state_dict_load_map(adapter_name).items():
+                keys[checkpoint_key(f"{module_name}.{saved}")] = checkpoint_key(f"{module_name}.{loaded}")
+    return keys
+
+
 def _listed(items: list[str]) -> str:
     more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
     return ", ".join(items[:_SHOWN]) + more
@@ -79,6 +98,11 @@ def check_lisa_state_dict(model: nn.Module, adapter_name: str, state_dict: Mappi
     missing = sorted(set(expected) - set(found))
     if missing:
         problems.append(f"{len(missing)} LiSA tensor(s) are missing: {_listed(missing)}")
+    auxiliary = expected_auxiliary_tensors(model, adapter_name)
+    missing_auxiliary = sorted(k for k, loaded in auxiliary.items() if k not in found and loaded not in found)
+    if missing_auxiliary:
+        problems.append(f"{len(missing_auxiliary)} tensor(s) of `modules_to_save` are missing (they would keep their "
+                        f"init): {_listed(missing_auxiliary)}")
     shapes = [f"{k} has shape {list(found[k].shape)}, the model needs {list(expected[k])}"
               for k in sorted(expected) if k in found and tuple(found[k].shape) != expected[k]]
     if shapes:
@@ -97,7 +121,7 @@ def check_lisa_state_dict(model: nn.Module, adapter_name: str, state_dict: Mappi
             "truncated or from another adapter: load the adapter it was saved with (its adapter_config.json), or "
             "re-save it from the trained model with model.save_pretrained(folder)."
         )
-    unknown = sorted(set(found) - set(expected))
+    unknown = sorted(set(found) - set(expected) - set(auxiliary) - set(auxiliary.values()))
     if unknown:
         warnings.warn(
             f"{source} holds {len(unknown)} tensor(s) that the LiSA adapter {adapter_name!r} does not use; they "

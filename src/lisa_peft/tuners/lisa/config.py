@@ -86,9 +86,14 @@ class LisaConfig(PeftConfig):
             Adapters saved before this field existed load without the check.
         layer_scores: Written by `lisa_peft.convert`: per-layer sensitivity numbers that decided
             `lisa_layers="auto"` (and calibration statistics).
-        task_type: PEFT's task type; LiSA adapters are causal-LM adapters, so `None` (also in configs saved
-            before this default existed) becomes `"CAUSAL_LM"`: `PeftModel.from_pretrained` returns a
-            `PeftModelForCausalLM`, as for a LoRA causal-LM adapter.
+        task_type: PEFT's task type, which picks the `PeftModel` class. `None` (also in configs saved before
+            this default existed) becomes `"CAUSAL_LM"`: `PeftModel.from_pretrained` returns a
+            `PeftModelForCausalLM`, as for a LoRA causal-LM adapter. Other models need their own task type
+            (`lisa_peft.task_types`): `"SEQ_CLS"` (`LlamaForSequenceClassification`), `"TOKEN_CLS"`
+            (`LlamaForTokenClassification`), `"QUESTION_ANS"` (`LlamaForQuestionAnswering`),
+            `"FEATURE_EXTRACTION"` (a bare `LlamaModel`); the default on such a model is a `ValueError` naming it.
+        modules_to_save: Modules (by name) trained in full and saved with the adapter, as in LoRA. The
+            classification task types add their head (`score` / `classifier` / `qa_outputs`) here themselves.
         target_modules: Resolved at injection: a regex naming the `self_attn` modules wrapped
             (LiSA layers and their anchors). Not meant to be set by hand.
     """
@@ -135,6 +140,10 @@ class LisaConfig(PeftConfig):
     )
     target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Resolved at injection: regex of the wrapped self_attn modules."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules trained in full and saved with the adapter (task heads such as `score`)."},
     )
 
     def __post_init__(self) -> None:
