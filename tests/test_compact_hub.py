@@ -33,6 +33,10 @@ _LOAD_SCRIPT = textwrap.dedent(
         result["without_import"] = "loaded"
     except Exception as err:
         result["without_import"] = f"{type(err).__name__}: {err}"
+    remote = transformers.AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)  # the repo's entry
+    result["remote_class"] = type(remote).__mro__[1].__name__
+    with torch.no_grad():
+        result["remote_logits"] = remote(ids).logits
     import lisa_peft  # what the model card says to do first
 
     model = transformers.AutoModelForCausalLM.from_pretrained(repo)
@@ -76,11 +80,13 @@ def test_push_to_hub_card_and_fresh_process_load(hub_client, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-c", _LOAD_SCRIPT, repo, str(out_path), json.dumps(INPUT_IDS)],
         env=hub_client.client_env(hf_home=tmp_path / "hf-home-load"),
-        capture_output=True, text=True, timeout=240, check=False,
+        capture_output=True, text=True, timeout=240, check=False, stdin=subprocess.DEVNULL,  # no remote-code prompt
     )
     assert proc.returncode == 0, proc.stderr[-6000:]
     loaded = torch.load(out_path)
-    assert "lisa_llama" in loaded["without_import"]  # transformers alone does not know the model type
+    assert "trust_remote_code=True" in loaded["without_import"]  # the repo's auto_map points at its own code
+    assert loaded["remote_class"] == "LisaLlamaForCausalLM"  # which imports the installed lisa-peft
+    torch.testing.assert_close(loaded["remote_logits"], expected, atol=1e-5, rtol=0)
     assert loaded["class"] == "LisaLlamaForCausalLM"
     torch.testing.assert_close(loaded["logits"], expected, atol=1e-5, rtol=0)
     # The tokenizer went up with the model (the test Hub cannot serve AutoTokenizer's folder listing).

@@ -26,9 +26,11 @@ from transformers.models.llama.modeling_llama import LlamaAttention, LlamaForCau
 
 from ... import transformers_compat as compat
 from ...tuners.lisa import attention as LA
+from ...tuners.lisa import continuous_batching
 from ...tuners.lisa.model import add_forward_state, anchor_layers
 from ...tuners.lisa.state import LisaForwardState
 from .configuration_lisa_llama import LISA_MODULE_NAMES, LisaLlamaConfig
+from .remote_code import REMOTE_CODE_FILE, add_auto_map, remote_code_source
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -139,6 +141,13 @@ class LisaLlamaForCausalLM(LlamaForCausalLM):
             self._keep_in_fp32_modules_strict = set(LISA_MODULE_NAMES) if config.lisa_dtype == "float32" else set()
         self.post_init()
 
+    def init_continuous_batching(self, *args: Any, **kwargs: Any) -> Any:
+        """Refused when the model has LiSA layers: transformers' paged KV cache cannot hold their r-wide keys
+        (`tuners.lisa.continuous_batching`); reached by generate(cache_implementation="paged") and generate_batch."""
+        if self.config.lisa_layers:
+            raise continuous_batching.refusal("compact")
+        return super().init_continuous_batching(*args, **kwargs)
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, LisaLlamaAttention):  # non-persistent: rebuilt from the config on every load
@@ -175,10 +184,13 @@ class LisaLlamaForCausalLM(LlamaForCausalLM):
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, tokenizer: Any = None,
                         **kwargs: Any) -> None:
         """transformers' `save_pretrained` (config.json, model.safetensors, generation_config.json), plus the
-        tokenizer when given and the LiSA model card README.md (a README.md not written by lisa-peft is kept)."""
+        tokenizer when given, the LiSA model card README.md (a README.md not written by lisa-peft is kept) and the
+        remote-code entry `modeling_lisa_llama.py` that config.json's `auto_map` names (`remote_code`)."""
+        add_auto_map(self.config)
         super().save_pretrained(save_directory, *args, **kwargs)
         if not kwargs.get("is_main_process", True):
             return
+        Path(save_directory, REMOTE_CODE_FILE).write_text(remote_code_source(), encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save_pretrained(save_directory)
         from ...compact_card import render_compact_card
