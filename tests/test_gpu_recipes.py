@@ -117,6 +117,32 @@ def test_error_line_finds_the_exception_of_a_failed_run():
     assert dry_run.error_line("") == "(no output)"
 
 
+def test_run_recipe_samples_and_converts_on_the_trainers_device(tmp_path, monkeypatch):
+    """On a GPU machine the base model must be on the GPU for sampling, conversion and the teacher's top-k, not
+    on the CPU it loads to (a 7B model sampling 2048 windows of 2048 tokens on CPU would not finish). Here the
+    Trainer's device is faked as "meta"; sampling, the first step that needs the model, records the device."""
+    import transformers
+
+    from lisa_peft.recipe import run_recipe
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def sampled_windows(model, *args, **kwargs):
+        seen["device"] = next(model.parameters()).device
+        raise Stop
+
+    monkeypatch.setattr("lisa_peft.sampled_corpus.sampled_windows", sampled_windows)
+    monkeypatch.setattr(transformers.TrainingArguments, "device", property(lambda self: torch.device("meta")))
+    base = dry_run.save_stand_in("llama3", tmp_path / "base")
+    recipe = load_recipe(bundled_recipes()["llama3_8b"], dry_run.scale_overrides(base, tmp_path / "out"))
+    with pytest.raises(Stop):
+        run_recipe(recipe, progress=False)
+    assert seen["device"] == torch.device("meta")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("launch", dry_run.LAUNCHES)
 @pytest.mark.parametrize("name", GPU_RECIPES)

@@ -708,6 +708,11 @@ def run_recipe(recipe: dict[str, Any], progress: bool = True, resume: bool | str
     if resume and (init_dir / "adapter_config.json").is_file():  # before the model loads: a stale adapter
         check_same_conversion(init_dir, conversion_settings(recipe))
     model, tokenizer = load_base_model(recipe["base_model"], dtype=_DTYPES[setting(recipe, RECIPE_KEYS, "dtype")])
+    # On the Trainer's device (this process's GPU) from here on: sampling, conversion, the teacher's top-k and the
+    # fidelity figures run there, not on the CPU the weights load to. Set up after the load: with a process group
+    # up, an FSDP launch (cpu_ram_efficient_loading) would give every rank but the first empty weights.
+    args = transformers.TrainingArguments(**training)
+    model.to(args.device)
     data = prepare_data(tokenizer, recipe, model=model, progress=progress)
     train, evaluation, eval_name = data["train"], data["eval"], data["eval_name"]
     summary: dict[str, Any] = {"heldout_text": eval_name, "in_domain_eval": data["in_domain"], "fidelity": {}}
@@ -733,7 +738,7 @@ def run_recipe(recipe: dict[str, Any], progress: bool = True, resume: bool | str
         teacher = cache_teacher_topk(peft_model, train, k=topk, progress=progress)
     trainer = LisaTrainer(
         model=peft_model,
-        args=transformers.TrainingArguments(**training),
+        args=args,
         train_dataset=TokenWindowDataset(train, teacher),
         distill_weight=distill_weight,
         callbacks=callbacks,
