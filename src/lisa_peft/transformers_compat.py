@@ -73,6 +73,7 @@ __all__ = [
     "DynamicLayer",
     "SUPPORTS_PREFILL_CHUNKING",
     "SUPPORTED_CACHE_LAYERS",
+    "WORKING_CACHES",
     "StaticLayer",
     "TESTED_TRANSFORMERS_MAX",
     "TESTED_TRANSFORMERS_MIN",
@@ -114,6 +115,12 @@ _LEGACY_CACHE_KWARG = "past_key_values" if CACHE_KWARG == "cache" else "cache"
 SUPPORTED_CACHE_LAYERS: tuple[type, ...] = (DynamicLayer, GrowingLayer, StaticLayer)
 """Cache layer types LiSA and anchor layers write to (exact types: subclasses change the layout).
 A `DynamicLayer` becomes a `GrowingLayer` on the first write (`update_cache`)."""
+
+WORKING_CACHES = (
+    "cache_implementation 'dynamic' (the default), 'static', 'offloaded' or 'offloaded_static' (CUDA), or a "
+    "DynamicCache / StaticCache passed as the cache"
+)
+"""What LiSA models generate with, for error messages."""
 
 
 def check_transformers_version(version: Version = TRANSFORMERS_VERSION) -> bool:
@@ -186,20 +193,36 @@ def update_cache(cache: Any, keys: torch.Tensor, values: torch.Tensor, layer_idx
 
     Returns all cached keys/values of that layer, new ones included: N = the tokens so far for a growing
     layer (`DynamicLayer`, which becomes a `growing_cache.GrowingLayer` here: views of buffers with spare
-    room, so an append does not copy the layer), N = `max_cache_len` for a pre-allocated one (`StaticLayer`,
-    whose buffers take
-    their last dimension from the first update, so LiSA's r-wide keys fit as they are); positions not yet
-    written are zeros there and the attention mask must hide them (`static_cache_mask`). Other layer types
-    (quantized, sliding-window) are refused.
+    room, so an append does not copy the layer), N = `max_cache_len` for a
+    pre-allocated one (`StaticLayer`, whose buffers take their last dimension from the first update, so
+    LiSA's r-wide keys fit as they are); positions not yet written are zeros there and the attention mask
+    must hide them (`static_cache_mask`). Other caches and layer types (paged, quantized, sliding-window) are
+    refused.
     """
-    layers = getattr(cache, "layers", None)
-    if layers is not None and layer_idx < len(layers) and type(layers[layer_idx]) not in SUPPORTED_CACHE_LAYERS:
-        raise ValueError(
-            f"The KV cache of layer {layer_idx} is a {type(layers[layer_idx]).__name__}. LiSA and anchor layers "
-            "support DynamicCache (the default) and StaticCache (cache_implementation='static') only."
-        )
+    check_cache_layer(cache, layer_idx, keys, values)
     grow_in_place(cache, layer_idx)  # append into spare room, not torch.cat of the whole layer (growing_cache.py)
     return cache.update(keys, values, layer_idx)
+
+
+def check_cache_layer(cache: Any, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Refuse a cache, or a cache layer, that cannot hold keys [B, G, T, w_k] and values [B, G, T, w_v] of a
+    LiSA or anchor layer, naming what works (`WORKING_CACHES`)."""
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list):
+        raise ValueError(
+            f"LiSA and anchor layers cannot store their keys in a {type(cache).__name__} (layer {layer_idx}): they "
+            "cache r-wide low-rank keys, a different shape from the base model's layers, which only caches made "
+            f"of per-layer tensors hold. Use {WORKING_CACHES}."
+        )
+    if layer_idx >= len(layers):  # DynamicCache appends its layers on their first update
+        return
+    layer = layers[layer_idx]
+    if type(layer) not in SUPPORTED_CACHE_LAYERS:
+        raise ValueError(
+            f"The KV cache of layer {layer_idx} is a {type(layer).__name__}. LiSA and anchor layers support "
+            f"DynamicCache (the default) and StaticCache (cache_implementation='static') layers only: use "
+            f"{WORKING_CACHES}."
+        )
 
 
 def is_static_layer(cache: Any, layer_idx: int) -> bool:

@@ -13,7 +13,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ... import transformers_compat as compat
-from . import chunked
+from . import chunked, continuous_batching
 from .checkpoint import check_lisa_state_dict
 from .config import KERNEL_MODES, LisaConfig, base_model_shape, base_shape_mismatch
 from .layer import _MERGE_ERROR, ROLE_ANCHOR, ROLE_LISA, LisaAttention, set_adapter_setting
@@ -101,6 +101,7 @@ def remove_lisa_adapter(model: nn.Module, adapter_name: str) -> None:
             parent_name, _, child_name = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child_name, module.get_base_layer())
     if not any(isinstance(module, LisaAttention) for module in model.modules()):
+        continuous_batching.remove_guard(model)
         stack = backbone(model)
         handle = getattr(stack, _HOOK_ATTR, None)
         if handle is not None:
@@ -257,6 +258,7 @@ class LisaModel(BaseTuner):
             handle = stack.register_forward_pre_hook(add_forward_state, with_kwargs=True)
             setattr(stack, _HOOK_ATTR, handle)
             stack.forward = types.MethodType(chunked.chunked_stack_forward, stack)  # chunked prefill
+        continuous_batching.install_guard(model)  # paged attention cache: refused before generating
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         setattr(parent, child_name, new_module)
@@ -347,6 +349,7 @@ class LisaModel(BaseTuner):
         if merge:
             self._check_merge_allowed()
         model = super()._unload_and_optionally_merge(merge=False, **kwargs)
+        continuous_batching.remove_guard(model)
         stack = backbone(model)
         handle = getattr(stack, _HOOK_ATTR, None)
         if handle is not None:
