@@ -117,8 +117,8 @@ SUPPORTED_CACHE_LAYERS: tuple[type, ...] = (DynamicLayer, GrowingLayer, StaticLa
 A `DynamicLayer` becomes a `GrowingLayer` on the first write (`update_cache`)."""
 
 WORKING_CACHES = (
-    "cache_implementation 'dynamic' (the default), 'static', 'offloaded' or 'offloaded_static' (CUDA), or a "
-    "DynamicCache / StaticCache passed as the cache"
+    "cache_implementation 'dynamic' (the default), 'static' (with or without prefill_chunk_size), 'offloaded' or "
+    "'offloaded_static' (CUDA), or a DynamicCache / StaticCache passed as the cache"
 )
 """What LiSA models generate with, for error messages."""
 
@@ -195,7 +195,8 @@ def update_cache(cache: Any, keys: torch.Tensor, values: torch.Tensor, layer_idx
     layer (`DynamicLayer`, which becomes a `growing_cache.GrowingLayer` here: views of buffers with spare
     room, so an append does not copy the layer), N = `max_cache_len` for a
     pre-allocated one (`StaticLayer`, whose buffers take their last dimension from the first update, so
-    LiSA's r-wide keys fit as they are); positions not yet written are zeros there and the attention mask
+    LiSA's r-wide keys fit as they are; one allocated ahead at the base head size while still empty is
+    allocated again at the width written); positions not yet written are zeros there and the attention mask
     must hide them (`static_cache_mask`). Other caches and layer types (paged, quantized, sliding-window) are
     refused.
     """
@@ -206,7 +207,9 @@ def update_cache(cache: Any, keys: torch.Tensor, values: torch.Tensor, layer_idx
 
 def check_cache_layer(cache: Any, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Refuse a cache, or a cache layer, that cannot hold keys [B, G, T, w_k] and values [B, G, T, w_v] of a
-    LiSA or anchor layer, naming what works (`WORKING_CACHES`)."""
+    LiSA or anchor layer, naming what works (`WORKING_CACHES`); re-allocate an empty `StaticLayer` whose
+    buffers were allocated ahead (`early_initialization`, as transformers' chunked prefill does) at another
+    key width than the one written."""
     layers = getattr(cache, "layers", None)
     if not isinstance(layers, list):
         raise ValueError(
@@ -217,12 +220,30 @@ def check_cache_layer(cache: Any, layer_idx: int, keys: torch.Tensor, values: to
     if layer_idx >= len(layers):  # DynamicCache appends its layers on their first update
         return
     layer = layers[layer_idx]
-    if type(layer) not in SUPPORTED_CACHE_LAYERS:
+    if type(layer) is StaticLayer:
+        _fit_static_layer(layer, layer_idx, keys, values)
+    elif type(layer) not in SUPPORTED_CACHE_LAYERS:
         raise ValueError(
             f"The KV cache of layer {layer_idx} is a {type(layer).__name__}. LiSA and anchor layers support "
             f"DynamicCache (the default) and StaticCache (cache_implementation='static') layers only: use "
             f"{WORKING_CACHES}."
         )
+
+
+def _fit_static_layer(layer: StaticLayer, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Allocate an empty `StaticLayer` again when its buffers [B, G, max_len, w] were made ahead for another key
+    width (transformers' `early_initialization` uses the base head size for every layer)."""
+    if not getattr(layer, "is_initialized", False) or layer.keys.shape[-1] == keys.shape[-1]:
+        return
+    same_rows = layer.keys.shape[:2] == keys.shape[:2] and layer.values.shape[-1] == values.shape[-1]
+    if not same_rows or int(layer.get_seq_length()) != 0:
+        raise ValueError(
+            f"Layer {layer_idx} writes keys of shape {tuple(keys.shape)} into a StaticCache layer that holds keys "
+            f"{tuple(layer.keys.shape)} and values {tuple(layer.values.shape)} with {int(layer.get_seq_length())} "
+            "positions written: this cache was filled by another model (a LiSA layer caches r-wide keys). Start "
+            "a new cache for this model."
+        )
+    layer.lazy_initialization(keys, values)
 
 
 def is_static_layer(cache: Any, layer_idx: int) -> bool:

@@ -119,8 +119,8 @@ def register_compact_builder(builder: Callable[..., nn.Module]) -> None:
 
 
 def _grows_dynamically(kwargs: dict[str, Any], generation_config: Any) -> bool:
-    """Whether `generate` will use a growing (dynamic) cache: transformers' chunked prefill allocates a
-    static cache at full head_dim before LiSA layers write their r-wide keys, so it is not asked for then."""
+    """Whether `generate` will use a growing (dynamic) cache, the only kind it asks transformers to prefill in
+    chunks on its own (a static cache is prefilled in chunks when the call passes `prefill_chunk_size`)."""
     implementation = kwargs.get("cache_implementation", getattr(generation_config, "cache_implementation", None))
     passed = compat.pop_cache(dict(kwargs))
     return implementation in (None, "dynamic") and (passed is None or isinstance(passed, compat.DynamicCache))
