@@ -312,9 +312,24 @@ def cannot_run_on_cpu(result: DryRun) -> str | None:
     return result.skipped
 
 
+def trained_change(output_dir: Path) -> float:
+    """Largest |change| of a LiSA weight from the converted adapter (lisa_init) to the trained one (adapter)."""
+    from safetensors.torch import load_file
+
+    from lisa_peft.recipe import FINAL_ADAPTER_DIR, INIT_ADAPTER_DIR
+
+    before = load_file(output_dir / INIT_ADAPTER_DIR / "adapter_model.safetensors")
+    after = load_file(output_dir / FINAL_ADAPTER_DIR / "adapter_model.safetensors")
+    if before.keys() != after.keys():
+        raise AssertionError(f"the trained adapter holds other tensors than the converted one: "
+                             f"{sorted(before.keys() ^ after.keys())[:4]}")
+    return max((after[k].float() - before[k].float()).abs().max().item() for k in before)
+
+
 def check_outputs(path: Path, overrides: list[str], output_dir: Path, cache: Path) -> dict[str, Any]:
-    """Reload the saved adapter onto the base model (the recipe's dtype), measure its held-out KL again (it must
-    match the run's), build the compact model, save and load it, and compare logits: PEFT vs compact vs loaded.
+    """Check that training moved the converted LiSA weights, reload the saved adapter onto the base model (the
+    recipe's dtype), measure its held-out KL again (it must match the run's), build the compact model, save and
+    load it, and compare logits: PEFT vs compact vs loaded.
 
     Returns the figures; raises AssertionError naming what does not hold."""
     import torch
@@ -327,6 +342,8 @@ def check_outputs(path: Path, overrides: list[str], output_dir: Path, cache: Pat
 
     recipe = load_recipe(path, overrides)
     summary = json.loads((output_dir / "summary.json").read_text())
+    moved = trained_change(output_dir)
+    assert moved > 0, "training left the converted LiSA weights unchanged (no gradient reached them)"
     dtype_name = recipe.get("dtype", "float32")
     previous_cache = os.environ.get("LISA_PEFT_CACHE")
     os.environ["LISA_PEFT_CACHE"] = str(cache)  # the run's sampled text: reused, not sampled again
@@ -369,7 +386,7 @@ def check_outputs(path: Path, overrides: list[str], output_dir: Path, cache: Pat
     return {
         "lisa_layers": config.lisa_layers, "num_layers": base_config.num_hidden_layers,
         "kv_heads": base_config.num_key_value_heads, "rope_type": base_rope.get("rope_type", "default"),
-        "kl_run": kl_run, "kl_reloaded": fidelity.kl, "logits_scale": scale,
+        "trained_change": moved, "kl_run": kl_run, "kl_reloaded": fidelity.kl, "logits_scale": scale,
         "compact_max_diff": merged_diff, "loaded_max_diff": loaded_diff, "loaded_dtype": str(loaded.dtype),
         "compact_class": type(loaded).__name__,
     }
