@@ -61,17 +61,33 @@ def stored_cache_bytes(cache: Any) -> int:
     """Bytes a transformers KV cache really holds: the memory behind its layers' keys and values.
 
     Counts each tensor's whole storage once, not just the viewed positions, so the spare room of a
-    `growing_cache.GrowingLayer` (keys/values are views of larger buffers) is counted too.
+    `growing_cache.GrowingLayer` (keys/values are views of larger buffers) is counted too. Quantized
+    layers (`cache_implementation="quantized"`) count their quantized states as well: the packed data,
+    scales and shifts inside optimum-quanto's tensors, HQQ's or fp8's (tensor, metadata) pairs.
     """
     seen: set[int] = set()
     total = 0
+
+    def add(item: Any) -> None:
+        nonlocal total
+        if isinstance(item, (tuple, list)):
+            for part in item:
+                add(part)
+        elif isinstance(item, dict):
+            for part in item.values():
+                add(part)
+        elif isinstance(item, torch.Tensor) and hasattr(item, "__tensor_flatten__"):  # a quantized tensor subclass
+            for name in item.__tensor_flatten__()[0]:
+                add(getattr(item, name))
+        elif isinstance(item, torch.Tensor) and item.numel():
+            storage = item.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+
     for layer in cache.layers:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor) and tensor.numel():
-                storage = tensor.untyped_storage()
-                if storage.data_ptr() not in seen:
-                    seen.add(storage.data_ptr())
-                    total += storage.nbytes()
+        for name in ("keys", "values", "_quantized_keys", "_quantized_values"):
+            add(getattr(layer, name, None))
     return total
 
 

@@ -16,13 +16,19 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import warnings
 from typing import Any
 
 import torch
 import transformers
 from packaging.version import Version
-from transformers.cache_utils import DynamicCache, DynamicLayer, StaticLayer
+from transformers.cache_utils import DynamicCache, DynamicLayer, QuantoQuantizedLayer, StaticLayer
+
+try:  # the base of every quantized cache layer (group-wise and fp8) from transformers 5.2x
+    from transformers.cache_utils import BaseQuantizedLayer as _QuantizedLayerBase
+except ImportError:  # transformers 5.0: one quantized layer class (quanto and hqq subclass it)
+    from transformers.cache_utils import QuantizedLayer as _QuantizedLayerBase
 from transformers.models.llama import modeling_llama
 
 from .growing_cache import GrowingLayer, grow_in_place
@@ -72,6 +78,7 @@ __all__ = [
     "DynamicCache",
     "DynamicLayer",
     "SUPPORTS_PREFILL_CHUNKING",
+    "QUANTIZED_CACHE_LAYERS",
     "SUPPORTED_CACHE_LAYERS",
     "WORKING_CACHES",
     "StaticLayer",
@@ -114,11 +121,16 @@ _LEGACY_CACHE_KWARG = "past_key_values" if CACHE_KWARG == "cache" else "cache"
 
 SUPPORTED_CACHE_LAYERS: tuple[type, ...] = (DynamicLayer, GrowingLayer, StaticLayer)
 """Cache layer types LiSA and anchor layers write to (exact types: subclasses change the layout).
-A `DynamicLayer` becomes a `GrowingLayer` on the first write (`update_cache`)."""
+A `DynamicLayer` becomes a `GrowingLayer` on the first write (`update_cache`). Quantized layers
+(`QUANTIZED_CACHE_LAYERS`) are accepted too."""
+
+QUANTIZED_CACHE_LAYERS: tuple[type, ...] = (_QuantizedLayerBase,)
+"""Base classes of transformers' quantized cache layers (`cache_implementation="quantized"`): they store
+whatever width of keys they are given, so LiSA's r-wide keys are quantized as they are (subclasses accepted)."""
 
 WORKING_CACHES = (
-    "cache_implementation 'dynamic' (the default), 'static' (with or without prefill_chunk_size), 'offloaded' or "
-    "'offloaded_static' (CUDA), or a DynamicCache / StaticCache passed as the cache"
+    "cache_implementation 'dynamic' (the default), 'static' (with or without prefill_chunk_size), 'quantized', "
+    "'offloaded' or 'offloaded_static' (CUDA), or a DynamicCache / StaticCache / QuantizedCache passed as the cache"
 )
 """What LiSA models generate with, for error messages."""
 
@@ -193,12 +205,11 @@ def update_cache(cache: Any, keys: torch.Tensor, values: torch.Tensor, layer_idx
 
     Returns all cached keys/values of that layer, new ones included: N = the tokens so far for a growing
     layer (`DynamicLayer`, which becomes a `growing_cache.GrowingLayer` here: views of buffers with spare
-    room, so an append does not copy the layer), N = `max_cache_len` for a
+    room, so an append does not copy the layer) or a quantized one (dequantized), N = `max_cache_len` for a
     pre-allocated one (`StaticLayer`, whose buffers take their last dimension from the first update, so
     LiSA's r-wide keys fit as they are; one allocated ahead at the base head size while still empty is
     allocated again at the width written); positions not yet written are zeros there and the attention mask
-    must hide them (`static_cache_mask`). Other caches and layer types (paged, quantized, sliding-window) are
-    refused.
+    must hide them (`static_cache_mask`). Other caches and layer types (paged, sliding-window) are refused.
     """
     check_cache_layer(cache, layer_idx, keys, values)
     grow_in_place(cache, layer_idx)  # append into spare room, not torch.cat of the whole layer (growing_cache.py)
@@ -222,11 +233,13 @@ def check_cache_layer(cache: Any, layer_idx: int, keys: torch.Tensor, values: to
     layer = layers[layer_idx]
     if type(layer) is StaticLayer:
         _fit_static_layer(layer, layer_idx, keys, values)
+    elif isinstance(layer, QUANTIZED_CACHE_LAYERS):
+        _check_quantized_layer(layer, layer_idx, keys, values)
     elif type(layer) not in SUPPORTED_CACHE_LAYERS:
         raise ValueError(
             f"The KV cache of layer {layer_idx} is a {type(layer).__name__}. LiSA and anchor layers support "
-            f"DynamicCache (the default) and StaticCache (cache_implementation='static') layers only: use "
-            f"{WORKING_CACHES}."
+            f"DynamicCache (the default), StaticCache (cache_implementation='static') and QuantizedCache "
+            f"('quantized') layers only: use {WORKING_CACHES}."
         )
 
 
@@ -244,6 +257,28 @@ def _fit_static_layer(layer: StaticLayer, layer_idx: int, keys: torch.Tensor, va
             "a new cache for this model."
         )
     layer.lazy_initialization(keys, values)
+
+
+def _check_quantized_layer(layer: Any, layer_idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Refuse an optimum-quanto layer whose groups do not tile one position of a LiSA layer's low-rank keys.
+
+    optimum-quanto quantizes a [B, G, N, w] tensor along axis 0 (the default) in groups of `q_group_size` over
+    the G * N * w entries of a batch row, so only a group size that divides G * w works for every length N.
+    The base model's G * D usually is a multiple of the default 64; a LiSA layer's G * r often is not, and
+    quantizing its keys would fail on some prompt lengths only, in the middle of generating. Layers that write
+    keys as wide as their values (anchor and base layers) are left to transformers, as in the base model.
+    """
+    if not isinstance(layer, QuantoQuantizedLayer) or layer.axis_key != 0 or keys.shape[-1] == values.shape[-1]:
+        return
+    group, width = layer.q_group_size, keys.shape[1] * keys.shape[-1]
+    if width % group:
+        raise ValueError(
+            f"The quantized KV cache of LiSA layer {layer_idx} has q_group_size={group}, which does not divide the "
+            f"{keys.shape[1]} KV heads x r = {keys.shape[-1]} = {width} low-rank key entries this layer stores per "
+            "position, so optimum-quanto would fail on some sequence lengths. Pass a group size that divides "
+            f"{width}, e.g. generate(..., cache_implementation='quantized', cache_config={{'backend': 'quanto', "
+            f"'q_group_size': {math.gcd(width, group)}}}), or use {WORKING_CACHES}."
+        )
 
 
 def is_static_layer(cache: Any, layer_idx: int) -> bool:
