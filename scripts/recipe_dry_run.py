@@ -11,11 +11,15 @@ random model of the recipe's family standing in for the Hub model, through `lisa
   windows, few windows, few layer-wise steps, output in a work folder; and, without a GPU, `use_cpu`
   (`machine_overrides`: transformers refuses bf16 training without a GPU otherwise);
 * launches (`LAUNCHES`): one process, `accelerate launch` with the bundled cpu_2proc config (DDP over gloo,
-  2 processes), and `accelerate launch` with the bundled fsdp config on 2 CPU processes (`fsdp_cpu_config`).
+  2 processes), and `accelerate launch` with the bundled fsdp config on 2 processes (`fsdp_cpu_config`). The
+  FSDP launch is probed first (`probe_launch`: how the Trainer's accelerator sets up under it) and skipped, with
+  that set-up as the reason, where accelerate does not run FSDP: accelerate turns an FSDP config into FSDP only
+  on accelerator devices (MULTI_GPU, MULTI_NPU, ...), so on CPU the processes set up as MULTI_CPU (plain DDP
+  over gloo) and the FSDP settings are ignored.
 
-Then (`check_outputs`) the saved adapter is reloaded onto the stand-in, must reproduce the held-out KL the run
-recorded, is merged into the compact model (`merge_and_unload`), which is saved, loaded back and compared
-logit for logit with the PEFT model.
+Then (`check_outputs`) training must have moved the converted LiSA weights, the saved adapter is reloaded onto
+the stand-in and must reproduce the held-out KL the run recorded, and is merged into the compact model
+(`merge_and_unload`), which is saved, loaded back and compared logit for logit with the PEFT model.
 
 Run: `.venv/bin/python scripts/recipe_dry_run.py [RECIPE ...] [--launch single ddp fsdp] [--json report.json]`.
 Nothing is downloaded (the Hub is set offline in the launched processes).
