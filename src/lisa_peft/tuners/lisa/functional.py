@@ -6,6 +6,7 @@ H = G * g query heads per KV head (GQA); query head h reads KV head h // g.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -99,6 +100,20 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor, out_dtype: torch.dt
     return F.softmax(logits.float() + mask.float(), dim=-1).to(out_dtype)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype that autocast runs matrix products in on `device_type` now; None when autocast is off there."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """Autocast disabled on `device_type` (the recompute functions cast their inputs themselves)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
 class _SoftmaxValuesRecompute(torch.autograd.Function):
     """`grouped_values(masked_softmax(logits, mask, v.dtype), v)` with a backward that recomputes the
     probabilities from the logits instead of saving them.
@@ -107,30 +122,40 @@ class _SoftmaxValuesRecompute(torch.autograd.Function):
     backward, beside the logits, which the next LiSA layer's FFN keeps anyway (its input). This keeps
     only the logits, the mask and V, and recomputes softmax(logits + mask) one layer at a time in the
     backward: a training step holds one [B, H, T, N] tensor per converted layer instead of two.
+
+    Mixed precision: under autocast the product P V runs in autocast's dtype, as autocast would run it
+    (`autocast_dtype`, read in the forward, on any device type); the backward, which autocast does not
+    cover, runs its products in that same dtype and returns each gradient in its input's dtype.
     """
 
     @staticmethod
     def forward(ctx, logits, mask, v):  # noqa: ANN001, ANN205 - autograd.Function signature
+        ctx.compute_dtype = autocast_dtype(v.device.type) or v.dtype
         ctx.save_for_backward(logits, mask, v)
-        return grouped_values(masked_softmax(logits, mask, v.dtype), v)
+        with _autocast_off(v.device.type):  # P in V's dtype, then both in the product's (as autocast would)
+            dtype = ctx.compute_dtype
+            return grouped_values(masked_softmax(logits, mask, v.dtype).to(dtype), v.to(dtype))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         logits, mask, v = ctx.saved_tensors
-        probs = masked_softmax(logits, mask, torch.float32)  # [B, H, T, N], as the forward computed it
-        b, h, t, n = probs.shape
-        g = v.shape[1]
-        grad_v = None
-        if ctx.needs_input_grad[2]:  # P^T dO per KV head, summed over its g query heads
-            p_grouped = probs.to(v.dtype).reshape(b, g, (h // g) * t, n)
-            grad_v = torch.matmul(p_grouped.transpose(-1, -2), grad_out.reshape(b, g, (h // g) * t, -1))
-        grad_logits = None
-        if ctx.needs_input_grad[0]:  # softmax backward: P * (dP - sum(dP * P))
-            d_probs = torch.matmul(grad_out.reshape(b, g, (h // g) * t, -1), v.transpose(-1, -2))
-            d_probs = d_probs.view(b, h, t, n).float()
-            row_dot = torch.matmul(d_probs.unsqueeze(-2), probs.unsqueeze(-1)).squeeze(-1)  # [B, H, T, 1]
-            grad_logits = d_probs.sub_(row_dot).mul_(probs).to(logits.dtype)
+        dtype = ctx.compute_dtype
+        with _autocast_off(v.device.type):
+            probs = masked_softmax(logits, mask, torch.float32)  # [B, H, T, N], as the forward computed it
+            b, h, t, n = probs.shape
+            g = v.shape[1]
+            grad_out = grad_out.to(dtype).reshape(b, g, (h // g) * t, -1)
+            grad_v = None
+            if ctx.needs_input_grad[2]:  # P^T dO per KV head, summed over its g query heads
+                p_grouped = probs.to(v.dtype).to(dtype).reshape(b, g, (h // g) * t, n)
+                grad_v = torch.matmul(p_grouped.transpose(-1, -2), grad_out).to(v.dtype)
+            grad_logits = None
+            if ctx.needs_input_grad[0]:  # softmax backward: P * (dP - sum(dP * P))
+                d_probs = torch.matmul(grad_out, v.to(dtype).transpose(-1, -2))
+                d_probs = d_probs.view(b, h, t, n).to(v.dtype).float()  # through P's casts, as autograd
+                row_dot = torch.matmul(d_probs.unsqueeze(-2), probs.unsqueeze(-1)).squeeze(-1)  # [B, H, T, 1]
+                grad_logits = d_probs.sub_(row_dot).mul_(probs).to(logits.dtype)
         return grad_logits, None, grad_v
 
 
@@ -169,29 +194,48 @@ class _HeadFFNRecompute(torch.autograd.Function):
     Autograd would keep relu(W1 x + b1), [B, F, T, N] (F = 2H by default: twice the layer's logits),
     for every LiSA layer until the backward; this keeps only x (the previous layer's logits, which the
     forward holds anyway) and recomputes the hidden values, one layer at a time, in the backward.
+
+    Mixed precision: under autocast (e.g. float32 LiSA weights, bfloat16 logits) both GEMMs run in
+    autocast's dtype, as autocast would run them; the backward, which autocast does not cover, casts
+    the saved inputs to that same dtype and returns each gradient in its input's dtype. Without
+    autocast the inputs are used as they are.
     """
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2):  # noqa: ANN001, ANN205 - autograd.Function signature
-        ctx.save_for_backward(x, w1, b1, w2)
-        return _head_ffn_forward(x, w1, b1, w2, b2)
+        ctx.compute_dtype = autocast_dtype(x.device.type)
+        ctx.b2_dtype = b2.dtype
+        ctx.save_for_backward(x, w1, b1, w2)  # uncast: a cast copy of x would be a second [B, H, T, N]
+        with _autocast_off(x.device.type):
+            return _head_ffn_forward(*_cast_all(ctx.compute_dtype, x, w1, b1, w2, b2))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        x, w1, b1, w2 = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        x, w1, b1, w2 = _cast_all(ctx.compute_dtype, *saved)
         b, h, t, n = x.shape
-        flat = x.reshape(b, h, t * n)
-        hidden = _head_ffn_hidden(flat, w1, b1)  # [B, F, P]
-        g = grad.reshape(b, h, t * n)  # [B, H, P]
-        grad_w2 = torch.bmm(g, hidden.transpose(1, 2)).sum(0)
-        grad_b2 = g.sum((0, 2))
-        d_hidden = torch.bmm(w2.t().expand(b, -1, -1), g).masked_fill_(hidden <= 0, 0)  # through the ReLU
-        del hidden
-        grad_w1 = torch.bmm(d_hidden, flat.transpose(1, 2)).sum(0)
-        grad_b1 = d_hidden.sum((0, 2))
-        grad_x = torch.bmm(w1.t().expand(b, -1, -1), d_hidden).view(b, h, t, n) if ctx.needs_input_grad[0] else None
-        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+        with _autocast_off(x.device.type):
+            flat = x.reshape(b, h, t * n)
+            hidden = _head_ffn_hidden(flat, w1, b1)  # [B, F, P]
+            g = grad.to(hidden.dtype).reshape(b, h, t * n)  # [B, H, P]
+            grad_w2 = torch.bmm(g, hidden.transpose(1, 2)).sum(0)
+            grad_b2 = g.sum((0, 2))
+            d_hidden = torch.bmm(w2.t().expand(b, -1, -1), g).masked_fill_(hidden <= 0, 0)  # through the ReLU
+            del hidden
+            grad_w1 = torch.bmm(d_hidden, flat.transpose(1, 2)).sum(0)
+            grad_b1 = d_hidden.sum((0, 2))
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.bmm(w1.t().expand(b, -1, -1), d_hidden).view(b, h, t, n).to(saved[0].dtype)
+        grads = (grad_w1, grad_b1, grad_w2, grad_b2)
+        dtypes = (saved[1].dtype, saved[2].dtype, saved[3].dtype, ctx.b2_dtype)
+        return (grad_x, *(grad.to(dtype) for grad, dtype in zip(grads, dtypes, strict=True)))
+
+
+def _cast_all(dtype: torch.dtype | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`tensors` cast to `dtype` (unchanged when None)."""
+    return tensors if dtype is None else tuple(t.to(dtype) for t in tensors)
 
 
 def head_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
