@@ -19,6 +19,12 @@ start=$(date +%s)
 # Everything else at the locked versions; torch and what it brings (triton, CUDA libraries) as it comes.
 grep -v -E '^(torch|triton|nvidia-|cuda-)' requirements/lock.txt > "$WORK/constraints.txt"
 "$PY" -m pip install -q -c "$WORK/constraints.txt" "$WHEEL[dev]" 2>&1 | quiet
+"$PY" - "$TORCH" <<'PY'
+import sys, torch
+if torch.__version__.split("+")[0] != sys.argv[1]:
+    sys.exit(f"[compat-torch] installing lisa-peft replaced torch {sys.argv[1]} by {torch.__version__}: "
+             "a requirement pins torch; fix it so that users of newer torch releases can install lisa-peft")
+PY
 echo "[compat-torch] installed in $(( $(date +%s) - start )) s, $(du -sm "$WORK/venv" | cut -f1) MB: $("$PY" -c \
   'import torch, triton, transformers, peft; print(f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")')"
 mapfile -t SUBSET < <(grep -v -e '^#' -e '^$' scripts/compat_subset.txt)
