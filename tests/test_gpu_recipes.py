@@ -148,7 +148,8 @@ def test_run_recipe_samples_and_converts_on_the_trainers_device(tmp_path, monkey
 @pytest.mark.parametrize("name", GPU_RECIPES)
 def test_gpu_recipe_dry_run(name, launch, tmp_path):
     result = dry_run.run_one(name, launch, tmp_path)
-    print(f"{name} {launch}: train {result.train_s} s, check {result.check_s} s, {result.error or 'ok'}")
+    outcome = f"skipped: {result.skipped}" if result.skipped else result.error or "ok"
+    print(f"{name} {launch}: train {result.train_s} s, check {result.check_s} s, {outcome}")
     reason = dry_run.cannot_run_on_cpu(result)
     if reason:
         pytest.skip(reason)
