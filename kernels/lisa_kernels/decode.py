@@ -41,6 +41,7 @@ import functools
 import torch
 
 from lisa_kernels._checks import check_lisa_inputs, check_scale
+from lisa_kernels._online_softmax import online_softmax_init, online_softmax_step
 from lisa_kernels._reference import MASK_VALUE, PROBS_EPS
 from lisa_kernels._row_stats import row_softmax_stats
 from lisa_kernels._triton import check_launch, is_interpreted, pow2, tl, triton
@@ -134,32 +135,17 @@ def _decode_softmax_pv_kernel(
     v_base = v_ptr + b64 * stride_vb + kvh * stride_vg
     rows = (b64 * H + heads) * N
 
-    m_i = tl.full([BLOCK_G], _NEG, tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    m_i, l_i, acc = online_softmax_init(BLOCK_G, BLOCK_D)
     start = split * KEYS_PER_SPLIT
     end = tl.minimum(start + KEYS_PER_SPLIT, N)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < end
+        n_ok = offs_n < end  # tile padding beyond the split: -inf in the softmax, never counted
         valid = n_ok & (offs_n < seq_len)
         s = tl.load(scores_ptr + rows[:, None] + offs_n[None, :], mask=g_ok[:, None] & n_ok[None, :], other=0.0)
-        # online softmax over valid keys; tile padding beyond the split is -inf (never counted)
-        s = tl.where(valid[None, :], s, _NEG)
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         vt = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                     mask=valid[:, None] & d_ok[None, :], other=0.0)
-        p_lp = p.to(v_ptr.dtype.element_ty)
-        if PV_F32:
-            pv = tl.dot(p_lp.to(tl.float32), vt.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p_lp, vt)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+                     mask=valid[:, None] & d_ok[None, :], other=0.0)  # V of valid keys only
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, valid[None, :], n_ok[None, :], vt, PV_F32)
 
     row = (b * H + heads) * NUM_SPLITS + split
     tl.store(part_acc_ptr + row[:, None] * D + offs_d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])

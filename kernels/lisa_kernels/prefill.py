@@ -30,8 +30,10 @@ from __future__ import annotations
 import torch
 
 from lisa_kernels._checks import check_lisa_inputs, check_scale
+from lisa_kernels._online_softmax import online_softmax_init, online_softmax_step
 from lisa_kernels._reference import MASK_VALUE, PROBS_EPS
 from lisa_kernels._row_stats import row_softmax_stats
+from lisa_kernels._row_tile import finish_row_tile, row_tile
 from lisa_kernels._triton import check_launch, is_interpreted, pow2, row_blocks, tl, triton
 
 _NEG = tl.constexpr(MASK_VALUE)
@@ -92,12 +94,8 @@ def _lisa_prefill_kernel(
     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_G: tl.constexpr,
     REP: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = pid // G
-    kvh = pid % G
+    b, kvh, t0, row_t, row_head, row_ok, row_idx = row_tile(G, GROUP, H, T, BLOCK_G, BLOCK_T)
     b64 = b.to(tl.int64)
-    t0 = tl.program_id(1) * BLOCK_T
-
     offs_h = tl.arange(0, BLOCK_H)
     h_ok = offs_h < H
     offs_f = tl.arange(0, BLOCK_F)
@@ -105,11 +103,6 @@ def _lisa_prefill_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    rows = tl.arange(0, BLOCK_G * BLOCK_T)
-    row_gi = rows // BLOCK_T
-    row_t = t0 + rows % BLOCK_T
-    row_ok = (row_gi < GROUP) & (row_t < T)
-    row_head = kvh * GROUP + row_gi
     row_lim = N - T + row_t  # last key visible to the row's query
 
     w1 = tl.load(w1_ptr + offs_f[:, None] * H + offs_h[None, :], mask=f_ok[:, None] & h_ok[None, :],
@@ -146,12 +139,9 @@ def _lisa_prefill_kernel(
     prev_base = prev_ptr + b64 * stride_pb
     k_base = k_ptr + b64 * stride_kb + kvh * stride_kg
     v_base = v_ptr + b64 * stride_vb + kvh * stride_vg
-    row_off = ((b64 * H + row_head) * T + row_t) * N  # row offset in logits [B, H, T, N]
+    row_off = row_idx * N  # row offset in logits [B, H, T, N]
 
-    m_i = tl.full([BLOCK_G * BLOCK_T], _NEG, tl.float32)
-    l_i = tl.zeros([BLOCK_G * BLOCK_T], tl.float32)
-    acc = tl.zeros([BLOCK_G * BLOCK_T, BLOCK_D], tl.float32)
-
+    m_i, l_i, acc = online_softmax_init(BLOCK_G * BLOCK_T, BLOCK_D)
     kv_end = tl.minimum(N - T + t0 + BLOCK_T, N)  # keys visible to at least one query of the tile
     for n0 in range(0, kv_end, BLOCK_N):
         s = _lisa_s_tile(prev_base, k_base, stride_ph, stride_pt, stride_pn, stride_kn, stride_kr,
@@ -161,34 +151,13 @@ def _lisa_prefill_kernel(
         n_ok = offs_n < N
         tl.store(logits_ptr + row_off[:, None] + offs_n[None, :], s.to(logits_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & n_ok[None, :])
-        s = tl.where(offs_n[None, :] <= row_lim[:, None], s, _NEG)
-        s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         vt = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                      mask=(offs_n[:, None] < kv_end) & d_ok[None, :], other=0.0)
-        p_lp = p.to(v_ptr.dtype.element_ty)
-        if PV_F32:
-            pv = tl.dot(p_lp.to(tl.float32), vt.to(tl.float32), input_precision="ieee")
-        else:
-            pv = tl.dot(p_lp, vt)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, offs_n[None, :] <= row_lim[:, None], n_ok[None, :],
+                                            vt, PV_F32)
 
-    # Key tiles after every query of the tile (fully masked for these queries): never read unmasked
-    # by any layer (all apply the same causal mask), so their logits are written as zeros, not computed.
-    zero = tl.zeros([BLOCK_G * BLOCK_T, BLOCK_N], dtype=logits_ptr.dtype.element_ty)
-    for n0 in range(tl.cdiv(kv_end, BLOCK_N) * BLOCK_N, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        tl.store(logits_ptr + row_off[:, None] + offs_n[None, :], zero, mask=row_ok[:, None] & (offs_n[None, :] < N))
-
-    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    out_off = ((b64 * H + row_head) * T + row_t) * D
-    tl.store(out_ptr + out_off[:, None] + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])
+    # Key tiles after every query of the tile: zeros (never read unmasked), then out = acc / l.
+    finish_row_tile(logits_ptr, out_ptr, acc, l_i, row_idx, row_ok, kv_end, N, D, BLOCK_G * BLOCK_T, BLOCK_N, BLOCK_D)
 
 
 def lisa_prefill(
