@@ -91,15 +91,13 @@ def test_lean_step_is_not_taken_for_prefill_masks_autograd_or_read_probabilities
         model(input_ids[:, 8:9], **cache_kwargs(cache), use_cache=True)
         assert step_calls["lisa"] == 3
         out = model(input_ids[:, 9:10], **cache_kwargs(cache), use_cache=True, output_attentions=True)
-        assert step_calls["lisa"] == 3  # the general path returns the probabilities
-        assert len(out.attentions) == 5  # layers 1-5 (anchors and LiSA); sdpa's layer 0 records none
-        for probs in out.attentions:
-            assert probs.shape == (2, 4, 1, 10)
-            torch.testing.assert_close(probs.sum(-1), torch.ones(2, 4, 1))
+        # sdpa: transformers records no attentions of the base layers, nor of LiSA layers (entry i must be
+        # layer i, tests/test_output_attentions.py), so nothing reads the probabilities: the lean step
+        assert step_calls["lisa"] == 6 and not out.attentions
         # transformers' recording hooks stay installed but read nothing now: the lean step again
         # (before the fix every later call of the process took the general path and kept probabilities)
         model(input_ids[:, 10:11], **cache_kwargs(cache), use_cache=True)
-        assert step_calls["lisa"] == 6
+        assert step_calls["lisa"] == 9
 
 
 def test_a_users_forward_hook_on_an_attention_module_gets_the_probabilities(input_ids, step_calls):

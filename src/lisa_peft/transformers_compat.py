@@ -52,8 +52,49 @@ a cache") when generate creates the cache itself. Older releases still chunk lon
 decoder stack (`tuners/lisa/chunked.py`)."""
 try:  # where transformers records `output_attentions`: forward hooks that stay installed once added
     from transformers.utils import output_capturing as _output_capturing
-except ImportError:  # a release without it: every hook counts as a reader (`hook_reads_attentions`)
+except ImportError:  # older 5.x: a wrapper replaces the attention modules' `forward` during the call instead
     _output_capturing = None
+
+
+def records_attention_weights(config: Any) -> bool:
+    """Whether attention modules under `config` return their probabilities, so that `output_attentions=True`
+    records them: transformers' eager attention does; sdpa, flash and the other kernels return None."""
+    return getattr(config, "_attn_implementation", None) == "eager"
+
+
+def is_recording_hook(hook: Any) -> bool:
+    """Whether a forward hook is transformers' output-capturing hook (`output_attentions` and the like)."""
+    return _output_capturing is not None and getattr(hook, "__module__", None) == _output_capturing.__name__
+
+
+def _forward_captures(module: Any) -> list[tuple[Any, str, int]]:
+    """(collected outputs, key, index) of each recording wrapper that older 5.x releases put on `module.forward`
+    for the duration of a call (`make_capture_wrapper` in transformers.utils.generic), outermost first."""
+    captures = []
+    forward = module.__dict__.get("forward")
+    while forward is not None:
+        code = getattr(forward, "__code__", None)
+        names = code.co_freevars if code is not None else ()
+        if "collected_outputs" not in names or "orig_forward" not in names:
+            break
+        cells = {name: cell.cell_contents for name, cell in zip(names, forward.__closure__)}
+        captures.append((cells["collected_outputs"], cells["key"], cells["index"]))
+        forward = cells["orig_forward"]
+    return captures
+
+
+def forward_records_attentions(module: Any) -> bool:
+    """Whether a recording wrapper of an older 5.x release records `module`'s attentions in this call."""
+    return any(key == "attentions" for _, key, _ in _forward_captures(module))
+
+
+def record_attentions(module: Any, output: tuple) -> None:
+    """Hand `output` (attention output, probabilities or None) to the recording wrappers that older 5.x releases
+    put on `module.forward`, as if `module` had returned it (for a module that stands in for `module` without
+    calling it). Releases that record with forward hooks get it from the hooks (`is_recording_hook`)."""
+    for collected, key, index in _forward_captures(module):
+        if key == "attentions" and output[index] is not None:
+            collected[key] = collected.get(key, ()) + (output[index],)
 
 
 def hook_reads_attentions(hook: Any) -> bool:
@@ -87,7 +128,11 @@ __all__ = [
     "apply_rotary_pos_emb",
     "attn_implementation",
     "cache_kwargs",
+    "forward_records_attentions",
     "hook_reads_attentions",
+    "is_recording_hook",
+    "record_attentions",
+    "records_attention_weights",
     "check_transformers_version",
     "model_output",
     "new_cache",

@@ -49,11 +49,21 @@ def _pop_state(kwargs: dict[str, Any], layer_idx: int) -> LisaForwardState:
     return state
 
 
-class LisaLlamaAttention(nn.Module):
-    """A LiSA layer of the compact model: low-rank Q/K, head FFN, base V and O (no base W_q / W_k)."""
+def _outputs_observed(module: nn.Module) -> bool:
+    """Whether the module's probabilities may be read in this call (`attention.outputs_observed`); transformers'
+    `output_attentions` reads them only where LLaMA's attention returns its own (eager), never under sdpa."""
+    return LA.outputs_observed(module, recorded=compat.records_attention_weights(module.config))
+
+
+class LisaLlamaAttention(LlamaAttention):
+    """A LiSA layer of the compact model: low-rank Q/K, head FFN, base V and O (no base W_q / W_k).
+
+    A `LlamaAttention` for transformers (which records `output_attentions` from the modules of that class),
+    but none of LLaMA's projections are built: `nn.Module.__init__` only.
+    """
 
     def __init__(self, config: LisaLlamaConfig, layer_idx: int) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.lisa_head_dim
@@ -94,7 +104,7 @@ class LisaLlamaAttention(nn.Module):
         state = _pop_state(kwargs, self.layer_idx)
         cache = compat.pop_cache(kwargs, self.layer_idx)
         return LA.lisa_attention(self.lisa_weights(), hidden_states, position_embeddings, attention_mask, cache, state,
-                                 need_probs=LA.outputs_observed(self))
+                                 need_probs=_outputs_observed(self))
 
 
 class LisaLlamaAnchorAttention(LlamaAttention):
@@ -119,7 +129,7 @@ class LisaLlamaAnchorAttention(LlamaAttention):
         cache = compat.pop_cache(kwargs, self.layer_idx)
         return LA.anchor_attention(
             self.anchor_weights(), hidden_states, position_embeddings, attention_mask, cache, state,
-            need_probs=LA.outputs_observed(self),
+            need_probs=_outputs_observed(self),
         )
 
 

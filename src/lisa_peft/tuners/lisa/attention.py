@@ -90,13 +90,22 @@ def explicit_mask(
     return compat.static_cache_mask(cache, layer_idx, num_queries, num_keys, cache.layers[layer_idx].keys.device)
 
 
-def outputs_observed(*modules: nn.Module) -> bool:
-    """Whether a forward hook may read an attention module's outputs in this call (transformers records
-    `output_attentions` with forward hooks on the attention modules, which stay installed but read only
-    while a call asks for attentions: `compat.hook_reads_attentions`; other tools' hooks always count)."""
+def outputs_observed(*modules: nn.Module, recorded: bool = True) -> bool:
+    """Whether something may read an attention module's outputs in this call: other tools' forward hooks
+    always; transformers' `output_attentions` recording only while a call asks for attentions
+    (`compat.hook_reads_attentions`; older releases wrap the module's forward instead) and only when
+    `recorded` (the attention implementation returns probabilities, `compat.records_attention_weights`:
+    under sdpa the base layers record none, and LiSA layers must not either, or entry i of `attentions`
+    would not be layer i)."""
     if nn.modules.module._global_forward_hooks:
         return True
-    return any(compat.hook_reads_attentions(hook) for m in modules for hook in m._forward_hooks.values())
+    for module in modules:
+        for hook in module._forward_hooks.values():
+            if not compat.is_recording_hook(hook) or (recorded and compat.hook_reads_attentions(hook)):
+                return True
+        if recorded and compat.forward_records_attentions(module):
+            return True
+    return False
 
 
 def _probs_and_values(

@@ -208,12 +208,19 @@ class LisaAttention(nn.Module, BaseTunerLayer):
     def _call_base_forward_hooks(self, hidden_states: torch.Tensor, result: tuple) -> tuple:
         """Run the forward hooks registered on the wrapped attention module with LiSA's output.
 
-        Tools hook the base attention class (transformers records `output_attentions` that way);
-        the base module's forward does not run on the LiSA path, so its hooks are called here as if
-        it had produced `result`. A hook may replace the result, as with nn.Module hooks.
+        Tools hook the base attention class (transformers records `output_attentions` that way, or
+        wraps the module's forward in older releases: `compat.record_attentions`); the base module's
+        forward does not run on the LiSA path, so its hooks are called here as if it had produced
+        `result`. A hook may replace the result, as with nn.Module hooks. transformers' recording gets
+        nothing when the base attention returns no probabilities (sdpa), as from the base layers.
         """
         base = self.base_layer
+        recorded = compat.records_attention_weights(base.config)
+        if recorded:
+            compat.record_attentions(base, result)
         for hook_id, hook in list(base._forward_hooks.items()):
+            if not recorded and compat.is_recording_hook(hook):
+                continue
             if hook_id in base._forward_hooks_with_kwargs:
                 out = hook(base, (hidden_states,), {}, result)
             else:
@@ -243,7 +250,8 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         """Full attention that publishes its pre-mask logits (`attention.anchor_attention`)."""
         return LA.anchor_attention(
             self.anchor_weights(adapter), hidden_states, position_embeddings, attention_mask, cache, state,
-            need_probs=LA.outputs_observed(self, self.base_layer),
+            need_probs=LA.outputs_observed(
+                self, self.base_layer, recorded=compat.records_attention_weights(self.base_layer.config)),
         )
 
     def lisa_projections(
@@ -262,7 +270,8 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         """LiSA attention (`attention.lisa_attention`); on the Triton kernels when dispatch.py says so."""
         return LA.lisa_attention(
             self.lisa_weights(adapter), hidden_states, position_embeddings, attention_mask, cache, state,
-            need_probs=LA.outputs_observed(self, self.base_layer),
+            need_probs=LA.outputs_observed(
+                self, self.base_layer, recorded=compat.records_attention_weights(self.base_layer.config)),
         )
 
     def head_ffn(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
