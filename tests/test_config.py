@@ -120,3 +120,13 @@ def test_default_rank_matches_six_fold_compression():
     assert default_rank(128) == 22  # LLaMA-2/3
     assert default_rank(64) == 12  # SmolLM2
     assert all(default_rank(d) % 2 == 0 and default_rank(d) >= d / 6 for d in range(2, 257, 2))
+
+
+def test_init_lisa_weights_annotation_lists_every_accepted_mode():
+    """The type hint (read by IDEs, dataclass tooling and HfArgumentParser) must admit what the config accepts."""
+    import typing
+
+    from lisa_peft.tuners.lisa.config import INIT_MODES
+
+    hints = typing.get_type_hints(LisaConfig)
+    assert set(typing.get_args(hints["init_lisa_weights"])) == set(INIT_MODES)

@@ -113,8 +113,10 @@ class LisaConfig(PeftConfig):
     share: Literal["logits", "probs"] = field(
         default="logits", metadata={"help": "What the head FFN reads from the previous layer: logits or probs."}
     )
-    init_lisa_weights: Literal["identity", "random"] = field(
-        default="identity", metadata={"help": "Initialisation of the LiSA weights: identity or random."}
+    init_lisa_weights: Literal["calibrate", "identity", "random"] = field(
+        default="identity",
+        metadata={"help": "Initialisation of the LiSA weights: identity, random, or calibrate (on text, by "
+                  "lisa_peft.convert)."},
     )
     min_full_layers: int = field(
         default=2, metadata={"help": "Number of leading layers that always keep full attention."}
