@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lisa_kernels._weights import LisaWeights
+
 SHARE_MODES = ("logits", "probs")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -86,15 +88,24 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"all tensors must be on one device, got {listing}")
 
 
+def check_weights(weights: object) -> LisaWeights:
+    """``weights`` is a :class:`LisaWeights` of four tensors (their shapes are checked with the inputs)."""
+    if not isinstance(weights, LisaWeights):
+        raise ValueError(
+            f"weights must be lisa_kernels.LisaWeights(w1, b1, w2, b2) (the head FFN), got {type(weights).__name__}: "
+            "pass LisaWeights(w1, b1, w2, b2) where the four tensors were passed separately"
+        )
+    for name, x in weights._asdict().items():
+        _tensor(name, x)
+    return weights
+
+
 def check_lisa_inputs(
     prev_logits: torch.Tensor,
     q_r: torch.Tensor,
     k_r: torch.Tensor,
     v: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor,
-    b2: torch.Tensor,
+    weights: LisaWeights,
     share: str,
     lengths: torch.Tensor | None = None,
     *,
@@ -102,8 +113,9 @@ def check_lisa_inputs(
 ) -> LisaDims:
     """Validate a LiSA decode (``prefill=False``) or prefill call and return its sizes."""
     prev_logits = _tensor("prev_logits", prev_logits)
-    for name, x in (("q_r", q_r), ("k_r", k_r), ("v", v), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+    for name, x in (("q_r", q_r), ("k_r", k_r), ("v", v)):
         _tensor(name, x)
+    w1, b1, w2, b2 = check_weights(weights)
     check_share(share)
     if prefill:
         if prev_logits.dim() != 4:
@@ -162,8 +174,7 @@ def check_lisa_inputs(
     if v.dtype not in FLOAT_DTYPES:
         _bad_v_dtype(v)
     check_lengths(lengths, B)
-    check_same_device(prev_logits=prev_logits, q_r=q_r, k_r=k_r, v=v, w1=w1, b1=b1, w2=w2, b2=b2,
-                      lengths=lengths)
+    check_same_device(prev_logits=prev_logits, q_r=q_r, k_r=k_r, v=v, **weights._asdict(), lengths=lengths)
     return LisaDims(B=B, H=H, G=G, T=T, N=N, r=r, D=D, F=F)
 
 

@@ -1,12 +1,15 @@
 """Plain PyTorch building blocks of the LiSA / anchor references (fp32 math, no tiling).
 
 Layouts: logits ``[B, H, T, N]`` (decode uses T = 1), rotary-embedded low-rank queries
-``q_r [B, H, T, r]``, compressed keys ``k_r [B, G, N, r]``, values ``v [B, G, N, D]``.
+``q_r [B, H, T, r]``, compressed keys ``k_r [B, G, N, r]``, values ``v [B, G, N, D]``, head FFN
+``weights`` (:class:`~lisa_kernels.LisaWeights`).
 """
 
 from __future__ import annotations
 
 import torch
+
+from lisa_kernels._weights import LisaWeights
 
 # Additive mask for invalid keys: large, negative and finite so that no NaN can appear.
 MASK_VALUE = -1.0e30
@@ -47,14 +50,13 @@ def masked_softmax(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.softmax(x.float() + additive_mask(valid), dim=-1)
 
 
-def head_ffn(
-    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
-) -> torch.Tensor:
+def head_ffn(x: torch.Tensor, weights: LisaWeights) -> torch.Tensor:
     """Head-alignment FFN along the head axis of ``x [B, H, T, N]`` for every (query, key) pair.
 
     ``A[:, h] = sum_f w2[h, f] * relu(sum_h' w1[f, h'] * x[:, h'] + b1[f]) + b2[h]``;
     returns fp32 ``[B, H, T, N]``.
     """
+    w1, b1, w2, b2 = weights
     hidden = torch.einsum("fh,bhtn->bftn", w1.float(), x.float()) + b1.float()[None, :, None, None]
     hidden = torch.relu(hidden)
     return torch.einsum("hf,bftn->bhtn", w2.float(), hidden) + b2.float()[None, :, None, None]
@@ -65,10 +67,7 @@ def lisa_attention(
     q_r: torch.Tensor,
     k_r: torch.Tensor,
     v: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor,
-    b2: torch.Tensor,
+    weights: LisaWeights,
     scale: float,
     share: str,
     valid: torch.Tensor,
@@ -82,7 +81,7 @@ def lisa_attention(
     x = prev_logits.float()
     if share == "probs":
         x = masked_softmax(x, valid)
-    a = head_ffn(x, w1, b1, w2, b2)
+    a = head_ffn(x, weights)
     k_full = k_r.float().repeat_interleave(g, dim=1)  # [B, H, N, r]: query head h uses kv head h // g
     delta = scale * torch.einsum("bhti,bhni->bhtn", q_r.float(), k_full)
     if share == "probs":

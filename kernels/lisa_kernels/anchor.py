@@ -77,16 +77,9 @@ def _anchor_kernel(
 
 
 def anchor_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float,
-    lengths: torch.Tensor | None = None,
-    causal_offset: int | None = None,
-    *,
-    block_t: int = 16,
-    block_n: int = 64,
-    num_warps: int = 4,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+    lengths: torch.Tensor | None = None, causal_offset: int | None = None,
+    *, block_t: int = 16, block_n: int = 64, num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full attention with GQA that also returns the pre-mask logits (Triton).
 

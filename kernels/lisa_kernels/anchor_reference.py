@@ -9,12 +9,8 @@ from lisa_kernels._reference import full_attention, valid_keys
 
 
 def anchor_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float,
-    lengths: torch.Tensor | None = None,
-    causal_offset: int | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+    lengths: torch.Tensor | None = None, causal_offset: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full attention in plain PyTorch.
 

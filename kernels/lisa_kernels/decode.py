@@ -45,6 +45,7 @@ from lisa_kernels._online_softmax import online_softmax_init, online_softmax_ste
 from lisa_kernels._reference import MASK_VALUE, PROBS_EPS
 from lisa_kernels._row_stats import row_softmax_stats
 from lisa_kernels._triton import check_launch, is_interpreted, pow2, tl, triton
+from lisa_kernels._weights import LisaWeights
 
 _NEG = tl.constexpr(MASK_VALUE)
 _EPS = tl.constexpr(PROBS_EPS)
@@ -191,32 +192,22 @@ def _default_num_splits(programs: int, n_tiles: int, device: torch.device) -> in
 
 
 def lisa_decode(
-    prev_logits: torch.Tensor,
-    q_r: torch.Tensor,
-    k_r: torch.Tensor,
-    v: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor,
-    b2: torch.Tensor,
-    scale: float,
-    share: str = "logits",
-    lengths: torch.Tensor | None = None,
-    *,
-    block_n: int | None = None,
-    num_splits: int | None = None,
+    prev_logits: torch.Tensor, q_r: torch.Tensor, k_r: torch.Tensor, v: torch.Tensor, weights: LisaWeights,
+    scale: float, share: str = "logits", lengths: torch.Tensor | None = None,
+    *, block_n: int | None = None, num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LiSA decode step (Triton: logits pass, then softmax and P·V; module docstring).
 
     Shapes: prev_logits [B, H, N] (previous layer's pre-mask logits), q_r [B, H, r], k_r [B, G, N, r],
-    v [B, G, N, D], w1 [F, H], b1 [F], w2 [H, F], b2 [H], lengths [B] int or None (key j valid iff
-    j < lengths[b]).  Returns out [B, H, D] and the pre-mask logits [B, H, N], both in ``v.dtype``.
+    v [B, G, N, D], weights (LisaWeights: w1 [F, H], b1 [F], w2 [H, F], b2 [H]), lengths [B] int or None
+    (key j valid iff j < lengths[b]).  Returns out [B, H, D] and the pre-mask logits [B, H, N], both in
+    ``v.dtype``.
     ``block_n`` (keys per tile) and ``num_splits`` (key splits per (batch, kv head)) are tuning knobs.
     """
-    dims = check_lisa_inputs(prev_logits, q_r, k_r, v, w1, b1, w2, b2, share, lengths, prefill=False)
+    dims = check_lisa_inputs(prev_logits, q_r, k_r, v, weights, share, lengths, prefill=False)
     scale = check_scale(scale)
     check_launch(
-        _lisa_decode_logits_kernel, prev_logits=prev_logits, q_r=q_r, k_r=k_r, v=v, w1=w1, b1=b1, w2=w2, b2=b2,
+        _lisa_decode_logits_kernel, prev_logits=prev_logits, q_r=q_r, k_r=k_r, v=v, **weights._asdict(),
         lengths=lengths,
     )
     B, H, G, N, r, D, F = dims.B, dims.H, dims.G, dims.N, dims.r, dims.D, dims.F
@@ -229,7 +220,6 @@ def lisa_decode(
     keys_per_split = triton.cdiv(n_tiles, num_splits) * block_n
     num_splits = triton.cdiv(N, keys_per_split)  # every split holds at least one key
 
-    w1c, b1c, w2c, b2c = (t.contiguous() for t in (w1, b1, w2, b2))
     lengths_i = lengths.to(device=dev, dtype=torch.int32).contiguous() if lengths is not None else None
     share_probs = share == "probs"
     if share_probs:
@@ -249,7 +239,7 @@ def lisa_decode(
     len_arg = lengths_i if lengths_i is not None else stat_m
 
     _lisa_decode_logits_kernel[(B, n_tiles)](
-        prev_logits, q_r, k_r, w1c, b1c, w2c, b2c, stat_m, stat_l, len_arg, scores,
+        prev_logits, q_r, k_r, *weights.contiguous(), stat_m, stat_l, len_arg, scores,
         *prev_logits.stride(), *q_r.stride(), *k_r.stride(),
         scale, H, H // G, N, r, F,
         SHARE_PROBS=share_probs, HAS_LEN=lengths_i is not None,

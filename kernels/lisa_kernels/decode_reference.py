@@ -6,32 +6,25 @@ import torch
 
 from lisa_kernels._checks import check_lisa_inputs, check_scale
 from lisa_kernels._reference import lisa_attention, valid_keys
+from lisa_kernels._weights import LisaWeights
 
 
 def lisa_decode_reference(
-    prev_logits: torch.Tensor,
-    q_r: torch.Tensor,
-    k_r: torch.Tensor,
-    v: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor,
-    b2: torch.Tensor,
-    scale: float,
-    share: str = "logits",
-    lengths: torch.Tensor | None = None,
+    prev_logits: torch.Tensor, q_r: torch.Tensor, k_r: torch.Tensor, v: torch.Tensor, weights: LisaWeights,
+    scale: float, share: str = "logits", lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """LiSA decode in plain PyTorch.
 
-    Shapes: prev_logits [B, H, N], q_r [B, H, r], k_r [B, G, N, r], v [B, G, N, D], w1 [F, H], b1 [F],
-    w2 [H, F], b2 [H], lengths [B] (key j valid iff j < lengths[b]; None = all N valid).
+    Shapes: prev_logits [B, H, N], q_r [B, H, r], k_r [B, G, N, r], v [B, G, N, D],
+    weights (LisaWeights: w1 [F, H], b1 [F], w2 [H, F], b2 [H]), lengths [B] (key j valid iff
+    j < lengths[b]; None = all N valid).
     Returns out [B, H, D] and the pre-mask logits [B, H, N], both in ``v.dtype``.
     """
-    check_lisa_inputs(prev_logits, q_r, k_r, v, w1, b1, w2, b2, share, lengths, prefill=False)
+    check_lisa_inputs(prev_logits, q_r, k_r, v, weights, share, lengths, prefill=False)
     scale = check_scale(scale)
     B, _, N = prev_logits.shape
     valid = valid_keys(B, 1, N, prev_logits.device, lengths=lengths)
     out, s = lisa_attention(
-        prev_logits[:, :, None], q_r[:, :, None], k_r, v, w1, b1, w2, b2, scale, share, valid
+        prev_logits[:, :, None], q_r[:, :, None], k_r, v, weights, scale, share, valid
     )
     return out[:, :, 0], s[:, :, 0]

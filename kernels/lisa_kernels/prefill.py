@@ -35,6 +35,7 @@ from lisa_kernels._reference import MASK_VALUE, PROBS_EPS
 from lisa_kernels._row_stats import row_softmax_stats
 from lisa_kernels._row_tile import finish_row_tile, row_tile
 from lisa_kernels._triton import check_launch, is_interpreted, pow2, row_blocks, tl, triton
+from lisa_kernels._weights import LisaWeights
 
 _NEG = tl.constexpr(MASK_VALUE)
 _EPS = tl.constexpr(PROBS_EPS)
@@ -161,40 +162,29 @@ def _lisa_prefill_kernel(
 
 
 def lisa_prefill(
-    prev_logits: torch.Tensor,
-    q_r: torch.Tensor,
-    k_r: torch.Tensor,
-    v: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    w2: torch.Tensor,
-    b2: torch.Tensor,
-    scale: float,
-    share: str = "logits",
-    *,
-    block_t: int = 16,
-    block_n: int = 16,
-    num_warps: int = 8,
+    prev_logits: torch.Tensor, q_r: torch.Tensor, k_r: torch.Tensor, v: torch.Tensor, weights: LisaWeights,
+    scale: float, share: str = "logits",
+    *, block_t: int = 16, block_n: int = 16, num_warps: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused LiSA prefill (Triton).
 
-    Shapes: prev_logits [B, H, T, N], q_r [B, H, T, r], k_r [B, G, N, r], v [B, G, N, D], w1 [F, H],
-    b1 [F], w2 [H, F], b2 [H]; query t sees key j iff j <= N - T + t.
+    Shapes: prev_logits [B, H, T, N] (previous layer's pre-mask logits), q_r [B, H, T, r],
+    k_r [B, G, N, r], v [B, G, N, D], weights (LisaWeights: w1 [F, H], b1 [F], w2 [H, F], b2 [H]);
+    query t sees key j iff j <= N - T + t.
     Returns out [B, H, T, D] and the pre-mask logits [B, H, T, N], both in ``v.dtype`` (zero in key
     tiles that no query of a query tile sees; the reference computes those too).
     ``block_t`` / ``block_n`` (queries / keys per tile) and ``num_warps`` are tuning knobs.
     """
-    dims = check_lisa_inputs(prev_logits, q_r, k_r, v, w1, b1, w2, b2, share, None, prefill=True)
+    dims = check_lisa_inputs(prev_logits, q_r, k_r, v, weights, share, None, prefill=True)
     scale = check_scale(scale)
     check_launch(
-        _lisa_prefill_kernel, prev_logits=prev_logits, q_r=q_r, k_r=k_r, v=v, w1=w1, b1=b1, w2=w2, b2=b2
+        _lisa_prefill_kernel, prev_logits=prev_logits, q_r=q_r, k_r=k_r, v=v, **weights._asdict()
     )
     B, H, G, T, N, r, D, F = dims.B, dims.H, dims.G, dims.T, dims.N, dims.r, dims.D, dims.F
     dev = v.device
     block_g, block_t, rep = row_blocks(dims.group, T, block_t)
     block_n = pow2(block_n)
 
-    w1c, b1c, w2c, b2c = (t.contiguous() for t in (w1, b1, w2, b2))
     share_probs = share == "probs"
     if share_probs:
         stat_m, stat_l = row_softmax_stats(prev_logits, None)
@@ -209,7 +199,7 @@ def lisa_prefill(
     qk_f32 = q_r.dtype == torch.float32 or q_r.dtype != k_r.dtype or (interp and q_r.dtype == torch.bfloat16)
 
     _lisa_prefill_kernel[(B * G, triton.cdiv(T, block_t))](
-        prev_logits, q_r, k_r, v, w1c, b1c, w2c, b2c, stat_m, stat_l, logits, out,
+        prev_logits, q_r, k_r, v, *weights.contiguous(), stat_m, stat_l, logits, out,
         *prev_logits.stride(), *q_r.stride(), *k_r.stride(), *v.stride(),
         scale, H, G, dims.group, T, N, r, D, F,
         SHARE_PROBS=share_probs, QK_F32=qk_f32, PV_F32=pv_f32,

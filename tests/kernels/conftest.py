@@ -9,6 +9,7 @@ with ``TRITON_INTERPRET=0``: the tensors are then created on CUDA.
 
 from __future__ import annotations
 
+import math
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -87,12 +88,68 @@ def make_lisa_inputs(
     }
 
 
+def naive_lisa(
+    inp: dict[str, torch.Tensor], scale: float, share: str, lengths: torch.Tensor | list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LiSA attention by per-element Python loops in float64 (independent of the reference's einsums).
+
+    Decode (``prev_logits [B, H, N]``): key j is visible iff j < lengths[b] (all N keys when lengths is
+    None); prefill (``prev_logits [B, H, T, N]``, no lengths): query t sees key j iff j <= N - T + t.
+    Returns float64 out and logits shaped as the kernels' (``[B, H, D]`` / ``[B, H, N]`` for decode).
+    """
+    decode = inp["prev_logits"].dim() == 3
+    prev_t, q_t = (inp[a][:, :, None] if decode else inp[a] for a in ("prev_logits", "q_r"))  # T axis for decode
+    B, H, T, N = prev_t.shape
+    prev, q = prev_t.double().tolist(), q_t.double().tolist()
+    k, v = (inp[a].double().tolist() for a in ("k_r", "v"))
+    w1, b1, w2, b2 = (inp[a].double().tolist() for a in ("w1", "b1", "w2", "b2"))
+    G, r, D, F = inp["k_r"].shape[1], inp["q_r"].shape[-1], inp["v"].shape[-1], len(b1)
+    g = H // G
+    out = torch.zeros(B, H, T, D, dtype=torch.float64)
+    logits = torch.zeros(B, H, T, N, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            if decode:
+                L = N if lengths is None else int(lengths[b])  # number of visible keys
+            else:
+                L = N - T + t + 1
+            x = [prev[b][h][t][:] for h in range(H)]
+            if share == "probs":
+                for h in range(H):
+                    mx = max(x[h][:L])
+                    e = [math.exp(x[h][j] - mx) if j < L else 0.0 for j in range(N)]
+                    x[h] = [ej / sum(e) for ej in e]
+            for h in range(H):
+                s = []
+                for j in range(N):
+                    a = b2[h] + sum(
+                        w2[h][f] * max(b1[f] + sum(w1[f][hh] * x[hh][j] for hh in range(H)), 0.0)
+                        for f in range(F)
+                    )
+                    delta = scale * sum(q[b][h][t][i] * k[b][h // g][j][i] for i in range(r))
+                    s.append(math.log(max(a, 0.0) + 1e-6) + delta if share == "probs" else a + delta)
+                    logits[b, h, t, j] = s[-1]
+                mx = max(s[:L])
+                e = [math.exp(s[j] - mx) for j in range(L)]
+                for d in range(D):
+                    out[b, h, t, d] = sum(e[j] * v[b][h // g][j][d] for j in range(L)) / sum(e)
+    if decode:
+        return out[:, :, 0], logits[:, :, 0]
+    return out, logits
+
+
 # Test modules get the helpers through fixtures (importing ``conftest`` by name is fragile when
 # other test directories have a conftest.py of their own).
 @pytest.fixture
 def lisa_inputs():
     """Factory ``make_lisa_inputs(B, H, G, N, r, D, T=None, dtype=..., device=..., seed=...)``."""
     return make_lisa_inputs
+
+
+@pytest.fixture
+def naive():
+    """``naive(inp, scale, share, lengths=None)``: LiSA decode / prefill by float64 Python loops."""
+    return naive_lisa
 
 
 @pytest.fixture

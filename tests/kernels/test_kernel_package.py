@@ -61,7 +61,7 @@ import lisa_kernels as lk
 assert not lk.triton_available()
 B, H, G, N, r, D = 1, 2, 1, 5, 2, 4
 args = (torch.randn(B, H, N), torch.randn(B, H, r), torch.randn(B, G, N, r), torch.randn(B, G, N, D),
-        torch.randn(4, H), torch.randn(4), torch.randn(H, 4), torch.randn(H), 0.5)
+        lk.LisaWeights(torch.randn(4, H), torch.randn(4), torch.randn(H, 4), torch.randn(H)), 0.5)
 out, logits = lk.lisa_decode_reference(*args)
 assert out.shape == (B, H, D) and logits.shape == (B, H, N)
 try:

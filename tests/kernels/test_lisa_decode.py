@@ -3,61 +3,26 @@ against a naive per-element loop."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from lisa_kernels import lisa_decode, lisa_decode_reference
+from lisa_kernels import LisaWeights, lisa_decode, lisa_decode_reference
 
-ARGS = ("prev_logits", "q_r", "k_r", "v", "w1", "b1", "w2", "b2")
+ARGS = ("prev_logits", "q_r", "k_r", "v")
 
 
 def _call(fn, inp, scale, share, lengths=None, **kw):
-    return fn(*(inp[a] for a in ARGS), scale, share, lengths, **kw)
-
-
-def naive_decode(inp, scale, share, lengths):
-    """Per-element Python loops in float64 (independent of the reference's einsums)."""
-    prev, q, k, v = (inp[a].double().tolist() for a in ("prev_logits", "q_r", "k_r", "v"))
-    w1, b1, w2, b2 = (inp[a].double().tolist() for a in ("w1", "b1", "w2", "b2"))
-    B, H, N = inp["prev_logits"].shape
-    G, r, D, F = inp["k_r"].shape[1], inp["q_r"].shape[-1], inp["v"].shape[-1], len(b1)
-    g = H // G
-    out = torch.zeros(B, H, D, dtype=torch.float64)
-    logits = torch.zeros(B, H, N, dtype=torch.float64)
-    for b in range(B):
-        L = N if lengths is None else int(lengths[b])
-        x = [row[:] for row in prev[b]]
-        if share == "probs":
-            for h in range(H):
-                mx = max(x[h][:L])
-                e = [math.exp(x[h][j] - mx) if j < L else 0.0 for j in range(N)]
-                x[h] = [ej / sum(e) for ej in e]
-        for h in range(H):
-            s = []
-            for j in range(N):
-                a = b2[h]
-                for f in range(F):
-                    hid = b1[f] + sum(w1[f][hh] * x[hh][j] for hh in range(H))
-                    a += w2[h][f] * max(hid, 0.0)
-                delta = scale * sum(q[b][h][i] * k[b][h // g][j][i] for i in range(r))
-                s.append(math.log(max(a, 0.0) + 1e-6) + delta if share == "probs" else a + delta)
-                logits[b, h, j] = s[-1]
-            mx = max(s[:L])
-            e = [math.exp(s[j] - mx) for j in range(L)]
-            for d in range(D):
-                out[b, h, d] = sum(e[j] * v[b][h // g][j][d] for j in range(L)) / sum(e)
-    return out, logits
+    weights = LisaWeights(*(inp[a] for a in LisaWeights._fields))
+    return fn(*(inp[a] for a in ARGS), weights, scale, share, lengths, **kw)
 
 
 @pytest.mark.parametrize("share", ["logits", "probs"])
 @pytest.mark.parametrize("lengths", [None, [5, 3]])
-def test_reference_matches_naive_loop(share, lengths, lisa_inputs):
+def test_reference_matches_naive_loop(share, lengths, lisa_inputs, naive):
     inp = lisa_inputs(B=2, H=4, G=2, N=5, r=2, D=3)
     lens = None if lengths is None else torch.tensor(lengths)
     out, logits = _call(lisa_decode_reference, inp, 0.4, share, lens)
-    n_out, n_logits = naive_decode(inp, 0.4, share, lens)
+    n_out, n_logits = naive(inp, 0.4, share, lens)
     torch.testing.assert_close(out.double(), n_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits.double(), n_logits, atol=1e-5, rtol=1e-5)
 
@@ -154,3 +119,12 @@ def test_decode_rejects_bad_inputs(fn, lisa_inputs):
     for bad, lens, share, match in cases:
         with pytest.raises(ValueError, match=match):
             _call(fn, bad, 0.5, share, lens)
+
+
+@pytest.mark.parametrize("fn", [lisa_decode, lisa_decode_reference], ids=["kernel", "reference"])
+def test_decode_refuses_weights_that_are_not_lisa_weights(fn, lisa_inputs):
+    # The head FFN travels as one LisaWeights; a plain tuple or a lone tensor names the fix.
+    inp = lisa_inputs(B=2, H=4, G=2, N=9, r=4, D=8)
+    for weights, got in (((inp["w1"], inp["b1"], inp["w2"], inp["b2"]), "tuple"), (inp["w1"], "Tensor")):
+        with pytest.raises(ValueError, match=rf"weights must be lisa_kernels.LisaWeights\(w1, b1, w2, b2\).*got {got}"):
+            fn(*(inp[a] for a in ARGS), weights, 0.5)

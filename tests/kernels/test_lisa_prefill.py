@@ -3,61 +3,25 @@ against a naive per-element loop."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-from lisa_kernels import lisa_decode, lisa_prefill, lisa_prefill_reference
+from lisa_kernels import LisaWeights, lisa_decode, lisa_prefill, lisa_prefill_reference
 from lisa_kernels._reference import valid_keys
 
-ARGS = ("prev_logits", "q_r", "k_r", "v", "w1", "b1", "w2", "b2")
+ARGS = ("prev_logits", "q_r", "k_r", "v")
 
 
 def _call(fn, inp, scale, share, **kw):
-    return fn(*(inp[a] for a in ARGS), scale, share, **kw)
-
-
-def naive_prefill(inp, scale, share):
-    """Per-element Python loops in float64; query t sees key j iff j <= N - T + t."""
-    prev, q, k, v = (inp[a].double().tolist() for a in ("prev_logits", "q_r", "k_r", "v"))
-    w1, b1, w2, b2 = (inp[a].double().tolist() for a in ("w1", "b1", "w2", "b2"))
-    B, H, T, N = inp["prev_logits"].shape
-    G, r, D, F = inp["k_r"].shape[1], inp["q_r"].shape[-1], inp["v"].shape[-1], len(b1)
-    g = H // G
-    out = torch.zeros(B, H, T, D, dtype=torch.float64)
-    logits = torch.zeros(B, H, T, N, dtype=torch.float64)
-    for b in range(B):
-        for t in range(T):
-            L = N - T + t + 1  # number of visible keys
-            x = [prev[b][h][t][:] for h in range(H)]
-            if share == "probs":
-                for h in range(H):
-                    mx = max(x[h][:L])
-                    e = [math.exp(x[h][j] - mx) if j < L else 0.0 for j in range(N)]
-                    x[h] = [ej / sum(e) for ej in e]
-            for h in range(H):
-                s = []
-                for j in range(N):
-                    a = b2[h] + sum(
-                        w2[h][f] * max(b1[f] + sum(w1[f][hh] * x[hh][j] for hh in range(H)), 0.0)
-                        for f in range(F)
-                    )
-                    delta = scale * sum(q[b][h][t][i] * k[b][h // g][j][i] for i in range(r))
-                    s.append(math.log(max(a, 0.0) + 1e-6) + delta if share == "probs" else a + delta)
-                    logits[b, h, t, j] = s[-1]
-                mx = max(s[:L])
-                e = [math.exp(s[j] - mx) for j in range(L)]
-                for d in range(D):
-                    out[b, h, t, d] = sum(e[j] * v[b][h // g][j][d] for j in range(L)) / sum(e)
-    return out, logits
+    weights = LisaWeights(*(inp[a] for a in LisaWeights._fields))
+    return fn(*(inp[a] for a in ARGS), weights, scale, share, **kw)
 
 
 @pytest.mark.parametrize("share", ["logits", "probs"])
-def test_reference_matches_naive_loop(share, lisa_inputs):
+def test_reference_matches_naive_loop(share, lisa_inputs, naive):
     inp = lisa_inputs(B=1, H=4, G=2, N=6, r=2, D=3, T=3)
     out, logits = _call(lisa_prefill_reference, inp, 0.4, share)
-    n_out, n_logits = naive_prefill(inp, 0.4, share)
+    n_out, n_logits = naive(inp, 0.4, share)
     torch.testing.assert_close(out.double(), n_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits.double(), n_logits, atol=1e-5, rtol=1e-5)
 
@@ -104,8 +68,8 @@ def test_prefill_last_query_equals_decode(share, device, lisa_inputs, close, tol
     # The last prefill query sees all N keys, exactly like a decode step without lengths.
     inp = lisa_inputs(B=2, H=4, G=2, N=18, r=4, D=8, T=5, device=device, seed=4)
     out, logits = _call(lisa_prefill, inp, 0.3, share, block_t=4, block_n=16)
-    dec = {a: inp[a][:, :, -1] if a in ("prev_logits", "q_r") else inp[a] for a in ARGS}
-    d_out, d_logits = lisa_decode(*(dec[a] for a in ARGS), 0.3, share, None, block_n=16)
+    dec = {a: inp[a][:, :, -1] if a in ("prev_logits", "q_r") else inp[a] for a in inp}
+    d_out, d_logits = _call(lisa_decode, dec, 0.3, share, lengths=None, block_n=16)
     close(out[:, :, -1], d_out, tol(torch.float32), "out")
     close(logits[:, :, -1], d_logits, tol(torch.float32, share == "probs"), "logits")
 

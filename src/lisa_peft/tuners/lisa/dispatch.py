@@ -171,15 +171,15 @@ def lisa_kernel(
     prev_logits [B, H, T, N], q_r [B, H, T, r], k_r [B, G, N, r], v [B, G, N, D] ->
     out [B, H, T, D] and this layer's pre-mask logits [B, H, T, N], both in v's dtype.
     """
-    weights = (ffn_up.weight, ffn_up.bias, ffn_down.weight, ffn_down.bias)
+    weights = lisa_kernels.LisaWeights.from_linears(ffn_up, ffn_down)
     if q_r.shape[2] == 1:
         out, logits = lisa_kernels.lisa_decode(
-            prev_logits[:, :, 0], q_r[:, :, 0], k_r, v, *weights, scale, share, _lengths(plan, q_r.shape[0])
+            prev_logits[:, :, 0], q_r[:, :, 0], k_r, v, weights, scale, share, _lengths(plan, q_r.shape[0])
         )
         return out[:, :, None], logits[:, :, None]
     if plan.lengths is not None:  # mask_plan gives lengths for T = 1 only
         raise ValueError("lisa_prefill has no `lengths`: a prefill runs on the kernels with a causal mask only.")
-    return lisa_kernels.lisa_prefill(prev_logits, q_r, k_r, v, *weights, scale, share)
+    return lisa_kernels.lisa_prefill(prev_logits, q_r, k_r, v, weights, scale, share)
 
 
 def _lengths(plan: KernelPlan, batch_size: int) -> torch.Tensor | None:
