@@ -101,12 +101,29 @@ def remove_lisa_adapter(model: nn.Module, adapter_name: str) -> None:
             parent_name, _, child_name = name.rpartition(".")
             setattr(model.get_submodule(parent_name), child_name, module.get_base_layer())
     if not any(isinstance(module, LisaAttention) for module in model.modules()):
-        continuous_batching.remove_guard(model)
-        stack = backbone(model)
-        handle = getattr(stack, _HOOK_ATTR, None)
-        if handle is not None:
-            handle.remove()
-            delattr(stack, _HOOK_ATTR)
+        remove_stack_hooks(model)
+
+
+def install_stack_hooks(model: nn.Module) -> None:
+    """Prepare the decoder stack for LiSA layers (once): the forward-state pre-hook, the chunked-prefill
+    forward and the continuous-batching guard. `remove_stack_hooks` undoes exactly this."""
+    stack = backbone(model)
+    if getattr(stack, _HOOK_ATTR, None) is None:
+        handle = stack.register_forward_pre_hook(add_forward_state, with_kwargs=True)
+        setattr(stack, _HOOK_ATTR, handle)
+        stack.forward = types.MethodType(chunked.chunked_stack_forward, stack)  # chunked prefill
+    continuous_batching.install_guard(model)  # paged attention cache: refused before generating
+
+
+def remove_stack_hooks(model: nn.Module) -> None:
+    """Undo `install_stack_hooks`: the decoder stack and the model are as they were before any LiSA layer."""
+    continuous_batching.remove_guard(model)
+    stack = backbone(model)
+    handle = getattr(stack, _HOOK_ATTR, None)
+    if handle is not None:
+        handle.remove()
+        delattr(stack, _HOOK_ATTR)
+    stack.__dict__.pop("forward", None)  # back to the class's forward
 
 _COMPACT_BUILDER: Callable[..., nn.Module] | None = None
 
@@ -253,12 +270,7 @@ class LisaModel(BaseTuner):
         return planes
 
     def _post_injection_hook(self, model: nn.Module, config: LisaConfig, adapter_name: str) -> None:
-        stack = backbone(model)
-        if getattr(stack, _HOOK_ATTR, None) is None:
-            handle = stack.register_forward_pre_hook(add_forward_state, with_kwargs=True)
-            setattr(stack, _HOOK_ATTR, handle)
-            stack.forward = types.MethodType(chunked.chunked_stack_forward, stack)  # chunked prefill
-        continuous_batching.install_guard(model)  # paged attention cache: refused before generating
+        install_stack_hooks(model)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
         setattr(parent, child_name, new_module)
@@ -349,11 +361,5 @@ class LisaModel(BaseTuner):
         if merge:
             self._check_merge_allowed()
         model = super()._unload_and_optionally_merge(merge=False, **kwargs)
-        continuous_batching.remove_guard(model)
-        stack = backbone(model)
-        handle = getattr(stack, _HOOK_ATTR, None)
-        if handle is not None:
-            handle.remove()
-            delattr(stack, _HOOK_ATTR)
-            stack.__dict__.pop("forward", None)
+        remove_stack_hooks(model)
         return model
