@@ -8,7 +8,7 @@ and every `--every` steps it prints KL(base || LiSA) and the perplexity ratio Li
 (`lisa_peft.fidelity`) on two held-out texts of sources it never trains on:
 
 * ``shakespeare``: the last 10% of ``tinyshakespeare.txt``, development text that is not part of the
-  repository (read where ``SHARED`` points, never copied; left out when the file is absent);
+  repository: read from the folder ``$LISA_PEFT_HELDOUT_DIR`` names (never copied; left out when unset or absent);
 * ``pydoc``: Python's pydoc topics (the demo's held-out text);
 16 windows of 256 tokens each, spread evenly over the text. Training and calibration text: windows
 sampled from the base model (`lisa_peft.sampled_corpus.sampled_windows`).
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+HELDOUT_DIR_ENV = "LISA_PEFT_HELDOUT_DIR"  # a folder with tinyshakespeare.txt (development text, not shipped)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -41,8 +42,9 @@ def held_out_sets(tokenizer, seq_len: int = 256, n: int = 16) -> dict[str, torch
     from lisa_peft.data import embedded_corpus, spread_windows, token_windows
 
     sets = {}
-    shakespeare = SHARED / "tinyshakespeare.txt"
-    if shakespeare.is_file():
+    folder = os.environ.get(HELDOUT_DIR_ENV)
+    shakespeare = Path(folder).expanduser() / "tinyshakespeare.txt" if folder else None
+    if shakespeare is not None and shakespeare.is_file():
         text = shakespeare.read_text(encoding="utf-8")
         sets["shakespeare"] = spread_windows(token_windows(tokenizer, [text[int(len(text) * 0.9):]], seq_len), n)
     sets["pydoc"] = spread_windows(token_windows(tokenizer, embedded_corpus(), seq_len), n)

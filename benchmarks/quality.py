@@ -20,7 +20,6 @@ from pathlib import Path
 
 import transformers
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 RESULTS = Path(__file__).resolve().parent / "results"
 ABLATIONS = {
     "default (logits, calibrate, layer-wise)": {},
@@ -97,7 +96,8 @@ def table(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Base model (default: the embedded SmolLM2-135M).")
-    parser.add_argument("--data", default=str(DATA), help="tinyshakespeare.txt (read only, never copied).")
+    parser.add_argument("--data", required=True,
+                        help="tinyshakespeare.txt: development text, not shipped (read only, never copied).")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.4])
     parser.add_argument("--train-minutes", type=float, default=8.0)
     parser.add_argument("--max-steps", type=int, default=300)
