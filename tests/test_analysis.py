@@ -224,7 +224,7 @@ def test_load_texts_embedded_corpus_and_files(text_file: Path, tmp_path: Path) -
 
 def test_load_texts_hf_without_datasets_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
-    with pytest.raises(RuntimeError, match="pip install datasets"):
+    with pytest.raises(ImportError, match=r"pip install 'lisa-peft\[data\]'"):  # MissingExtraError
         load_texts(["hf:wikitext:wikitext-2-raw-v1:test"])
     with pytest.raises(ValueError, match="hf:NAME"):
         load_texts(["hf:"])

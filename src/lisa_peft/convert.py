@@ -195,7 +195,7 @@ def convert(
     many calibration windows the per-layer loss probe of `lisa_layers="auto"` runs on.
     """
     if select_layers_by not in SELECT_LAYERS_BY:
-        raise ValueError(f"select_layers_by={select_layers_by!r}: choose one of {SELECT_LAYERS_BY}.")
+        raise ValueError(f"select_layers_by={select_layers_by!r}: choose {' or '.join(map(repr, SELECT_LAYERS_BY))}.")
     config = copy.deepcopy(config)
     if calibration_ids is not None:
         input_ids = calibration_ids
