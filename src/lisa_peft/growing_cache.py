@@ -2,9 +2,8 @@
 
 transformers' `DynamicLayer.update` appends with `torch.cat([self.keys, new], dim=-2)`, which copies the
 whole layer cache (keys and values) into a freshly allocated tensor at every decode step: O(N) bytes
-read and written per token and per layer, on memory the allocator often has to fault in anew. On this
-project's 2-core CPU, SmolLM2-135M at 4k tokens, that copy was 34 % of the base model's CPU time per
-decode step in a torch profile (docs/inference.md, "KV caches").
+read and written per token and per layer, on memory the allocator often has to fault in anew; at long
+contexts that copy is a large share of a decode step.
 
 `GrowingLayer` keeps the same public state (`keys` / `values` are [B, G, N, *] tensors of the filled
 positions, exactly what a `DynamicLayer` would hold) but stores them as views of larger buffers and

@@ -3,13 +3,11 @@
 A decode step (T = 1) without a mask does little arithmetic per layer at short and medium contexts,
 so the number of PyTorch calls counts: `attention.lisa_attention`'s general path (query-row tiles,
 additive mask, repeated rotary tables for the query heads, a logits tile copied into the logits
-buffer) spends about 40 us per layer more than needed on 2 CPU cores. These functions compute the
+buffer) spends more PyTorch calls per layer than one token needs. These functions compute the
 same numbers with fewer calls: the rotary tables broadcast over the query heads of a KV group
 instead of `repeat_interleave`, the FFN writes straight into the logits buffer that the next layer
-reads, and there is no mask or tile bookkeeping. Measured on SmolLM2-135M with the demo's 12/30
-LiSA layers at r = 24 (fp32, 2 threads, 48 decode steps each way, alternated in one process): the
-whole model's step 1.6 % faster at 1,024 tokens of context and 3.8 % at 4,096, bit-identical logits
-(tests compare with the general path).
+reads, and there is no mask or tile bookkeeping. The logits are bit-identical to the general path
+(tests compare them).
 
 `applies` decides; everything else (masks, probabilities read by hooks, autograd, Triton kernels,
 pre-allocated static caches, `torch.compile`) takes the general path.

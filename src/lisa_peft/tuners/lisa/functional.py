@@ -245,9 +245,8 @@ def head_ffn(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tens
     `W2 relu(W1 x[:, :, i, j] + b1) + b2` for every (query i, key j); w1 [F, H], w2 [H, F].
 
     Two batched GEMMs over the flattened (query, key) axis, each with its bias fused (`baddbmm`) and
-    the ReLU in place: per (query, key) pair this reads x once and writes the F hidden values once.
-    Measured on 2 CPU cores, fp32, [1, 9, 256, 4096]: 2.2x faster than the einsum formulation
-    (which materialises permuted copies and adds the biases in separate passes), 2-4x at [4, 9, 256, 256].
+    the ReLU in place: per (query, key) pair this reads x once and writes the F hidden values once
+    (an einsum formulation materialises permuted copies and adds the biases in separate passes).
     When a gradient is needed, the hidden activations are recomputed in the backward instead of being
     kept (`_HeadFFNRecompute`): a training step holds per LiSA layer the logits and the probabilities,
     not also the F hidden planes.
@@ -307,9 +306,8 @@ def lisa_attention_rows(
     `masked_softmax` + `grouped_values`). Only the results are full-size: the FFN's hidden values and
     the other temporaries exist for one tile at a time and are small enough for the C allocator to
     reuse the same memory tile after tile. Allocations of tens of MB are fresh pages from the
-    kernel every time (glibc serves them with mmap), and touching fresh pages cost more than the
-    arithmetic: [1, 9, 256, 4096] fp32, 2 CPU cores: the FFN alone 142 ms on fresh memory, 71 ms on
-    reused memory. For inference (no autograd graph through the tiles). need_probs=False: the
+    kernel every time (glibc serves them with mmap), and touching fresh pages can cost more than the
+    arithmetic (docs/inference.md). For inference (no autograd graph through the tiles). need_probs=False: the
     probabilities are not kept (returned as None), as with sdpa, when nothing reads them. logits_out:
     a contiguous [B, H, T, N] tensor to write the logits into (reused memory,
     `LisaForwardState.empty_logits`); a new one if None.
