@@ -44,10 +44,8 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # tests.tiny_assets (the character tokenizer) from a checkout
+if str(ROOT) not in sys.path:  # tests.helpers.tiny_assets (the character tokenizer) from a checkout
     sys.path.insert(0, str(ROOT))
-if str(ROOT / "tests") not in sys.path:  # tests/conftest.py imports its siblings by their own names
-    sys.path.insert(1, str(ROOT / "tests"))
 
 GPU_RECIPES = ("llama2_7b", "llama2_13b", "llama3_8b")
 LAUNCHES = ("single", "ddp", "fsdp")
@@ -114,11 +112,12 @@ def stand_in_config(family: str, vocab_size: int, bos_token_id: int, eos_token_i
 
 
 def save_stand_in(family: str, folder: Path, seed: int = 0) -> Path:
-    """Save a tiny random model of `family` with the character tokenizer of tests/tiny_assets.py into `folder`."""
+    """Save a tiny random model of `family` with the test character tokenizer (tests/helpers/tiny_assets.py)
+    into `folder`."""
     import torch
     import transformers
 
-    from tests.tiny_assets import char_tokenizer
+    from tests.helpers.tiny_assets import char_tokenizer
 
     tokenizer = char_tokenizer()
     config = stand_in_config(family, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)

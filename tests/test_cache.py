@@ -10,7 +10,7 @@ from transformers import DynamicCache, LlamaConfig
 from lisa_peft import LisaConfig
 from lisa_peft.memory import kv_cache_bytes, model_kv_cache_bytes, stored_cache_bytes
 from lisa_peft.transformers_compat import cache_kwargs, output_cache
-from tests.conftest import tiny_llama
+from tests.helpers.tiny_models import tiny_llama
 
 
 def _lisa_model(kv_heads: int, **kwargs):

@@ -18,7 +18,7 @@ from transformers.generation.configuration_utils import ALL_CACHE_IMPLEMENTATION
 from lisa_peft import LisaConfig
 from lisa_peft.memory import stored_cache_bytes
 from lisa_peft.transformers_compat import cache_kwargs
-from tests.conftest import tiny_llama
+from tests.helpers.tiny_models import tiny_llama
 
 LAYERS = [2, 3, 5]
 WORKS, NEEDS_CUDA, REFUSED = "works", "needs CUDA", "refused"

@@ -13,7 +13,7 @@ from lisa_peft import LisaConfig
 from lisa_peft.transformers_compat import cache_kwargs, output_cache
 from lisa_peft.tuners.lisa.chunked import set_prefill_chunk_size
 from lisa_peft.tuners.lisa.model import set_kernel_mode
-from tests.conftest import VOCAB, tiny_llama
+from tests.helpers.tiny_models import VOCAB, tiny_llama
 
 CHUNK = 5
 TOL = dict(atol=1e-5, rtol=1e-4)

@@ -17,8 +17,8 @@ from lisa_peft import LisaConfig, LisaLlamaConfig, LisaLlamaForCausalLM
 from lisa_peft.compact import compact_sizes, parameter_bytes
 from lisa_peft.models.lisa_llama import CompactCheckpointError, LisaLlamaAnchorAttention, LisaLlamaAttention
 from lisa_peft.transformers_compat import cache_kwargs, output_cache
-from tests.conftest import tiny_llama
-from tests.tiny_assets import char_tokenizer
+from tests.helpers.tiny_assets import char_tokenizer
+from tests.helpers.tiny_models import tiny_llama
 
 LAYERS = [2, 3, 5]
 

@@ -1,6 +1,6 @@
 """The compact LiSA model on a Hub: push_to_hub writes the LiSA card; a fresh process loads it after `import lisa_peft`.
 
-Runs against the offline local test Hub (tests/hub_server.py, fixtures in tests/conftest_hub.py).
+Runs against the offline local test Hub (tests/helpers/hub_server.py, fixtures in tests/helpers/hub_fixtures.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from peft import get_peft_model
 
 from lisa_peft import LisaConfig
 from lisa_peft.model_card import MODEL_CARD_MARKER
-from tests.conftest import tiny_llama
-from tests.tiny_assets import char_tokenizer
+from tests.helpers.tiny_assets import char_tokenizer
+from tests.helpers.tiny_models import tiny_llama
 
 LAYERS = [2, 3, 5]
 INPUT_IDS = [[5, 17, 3, 60, 42, 7, 64, 1, 11, 33]]

@@ -18,7 +18,7 @@ from peft import get_peft_model
 from lisa_peft import LisaConfig, LisaLlamaForCausalLM
 from lisa_peft.models.lisa_llama import CompactModelClassError, loading_guard
 from lisa_peft.models.lisa_llama.remote_code import AUTO_MAP, REMOTE_CODE_FILE
-from tests.conftest import tiny_llama
+from tests.helpers.tiny_models import tiny_llama
 
 LAYERS = [2, 3, 5]
 IDS = torch.tensor([[5, 17, 3, 90, 42, 7, 64, 11]])

@@ -6,7 +6,7 @@ from peft import get_peft_model
 
 from benchmarks.compact_sizes import RSS_FORMS, print_rss, rss_one
 from lisa_peft import LisaConfig
-from tests.conftest import tiny_llama
+from tests.helpers.tiny_models import tiny_llama
 
 
 def test_rss_one_loads_each_form_and_prints_the_table(tmp_path, capsys):

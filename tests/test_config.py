@@ -13,7 +13,7 @@ from peft.utils import PeftType
 
 import lisa_peft
 from lisa_peft import LisaConfig, LisaModel
-from tests.conftest import tiny_llama
+from tests.helpers.tiny_models import tiny_llama
 
 
 def test_registration_makes_lisa_a_peft_type():

@@ -9,7 +9,7 @@ from peft import PeftModel, get_peft_model
 from lisa_peft import LisaConfig
 from lisa_peft import calibration as C
 from lisa_peft.convert import choose_layers, convert
-from tests.conftest import VOCAB, tiny_llama
+from tests.helpers.tiny_models import VOCAB, tiny_llama
 
 
 def _windows(n: int = 6, t: int = 24, seed: int = 0) -> torch.Tensor:

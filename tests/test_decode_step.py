@@ -9,7 +9,7 @@ from peft import get_peft_model
 from lisa_peft import LisaConfig
 from lisa_peft.transformers_compat import cache_kwargs, output_cache
 from lisa_peft.tuners.lisa import decode_step
-from tests.conftest import tiny_llama
+from tests.helpers.tiny_models import tiny_llama
 
 
 def _model(kv_heads: int, dtype: torch.dtype = torch.float32, **kwargs):

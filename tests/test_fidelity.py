@@ -21,8 +21,8 @@ from lisa_peft.training import (
     topk_distillation_kl,
 )
 from lisa_peft.zero_shot import MultipleChoice, compare_zero_shot, load_multiple_choice_jsonl, zero_shot_accuracy
-from tests.conftest import VOCAB, tiny_llama
-from tests.tiny_assets import char_tokenizer
+from tests.helpers.tiny_assets import char_tokenizer
+from tests.helpers.tiny_models import VOCAB, tiny_llama
 
 
 def _lisa(seed: int = 0, init: str = "random", scramble: bool = True):

@@ -10,7 +10,7 @@ from peft import get_peft_model
 from lisa_peft import LisaAttention, LisaConfig
 from lisa_peft.tuners.lisa.chunked import set_prefill_chunk_size
 from lisa_peft.tuners.lisa.state import LisaForwardState, LogitBuffers
-from tests.conftest import tiny_llama
+from tests.helpers.tiny_models import tiny_llama
 
 LISA_LAYERS = [2, 3, 5]  # anchors 1 and 4; layer 3's and 5's logits have no reader
 

@@ -11,7 +11,7 @@ from lisa_peft import LisaConfig
 from lisa_peft import growing_cache as GC
 from lisa_peft.memory import stored_cache_bytes
 from lisa_peft.transformers_compat import cache_kwargs, output_cache
-from tests.conftest import tiny_llama
+from tests.helpers.tiny_models import tiny_llama
 
 
 def _pieces(lengths, batch=2, heads=3, key_dim=4, value_dim=8, seed=0):

@@ -1,7 +1,7 @@
 """Pushing LiSA adapters to a Hub and loading them back (`lisa_peft.hub`, `lisa-peft push`, push_to_hub).
 
-Tests marked `hub` run against the offline local test Hub (tests/hub_server.py, fixtures in
-tests/conftest_hub.py). Loading is checked in a FRESH Python process, the way a user loads an adapter.
+Tests marked `hub` run against the offline local test Hub (tests/helpers/hub_server.py, fixtures in
+tests/helpers/hub_fixtures.py). Loading is checked in a FRESH Python process, the way a user loads an adapter.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from lisa_peft.hub import (
     push_adapter,
 )
 from lisa_peft.model_card import MODEL_CARD_MARKER, render_model_card
-from tests.conftest import tiny_llama
+from tests.helpers.tiny_models import tiny_llama
 
 INPUT_IDS = [[5, 17, 3, 90, 42, 7, 64, 1, 11, 33]]
 SUBPROCESS_TIMEOUT = 240
@@ -328,7 +328,8 @@ def test_network_failure_gives_a_retry_hint(monkeypatch, tmp_path, adapter_dir):
     import huggingface_hub.constants as constants
     import huggingface_hub.hf_api as hf_api
     import huggingface_hub.utils._http as hf_http
-    from hub_server import free_port
+
+    from tests.helpers.hub_server import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     monkeypatch.setattr(constants, "ENDPOINT", dead)

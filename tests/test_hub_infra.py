@@ -1,6 +1,6 @@
 """Uploading and downloading PEFT adapters through the real huggingface_hub client, against the offline
-local test Hub on 127.0.0.1 (test infrastructure: tests/hub_server.py, tests/hub_commit_server.py,
-fixtures in tests/conftest_hub.py).
+local test Hub on 127.0.0.1 (test infrastructure: tests/helpers/hub_server.py, tests/helpers/hub_commit_server.py,
+fixtures in tests/helpers/hub_fixtures.py).
 
 The adapter is a plain ``peft.LoraConfig`` for now; the project's own adapter type can be plugged into
 ``_adapter_model`` / ``_LOAD_SCRIPT`` later.
@@ -18,7 +18,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
-from conftest_hub import hub_client, hub_server  # noqa: F401  (fixtures)
 from huggingface_hub import CommitOperationDelete, HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -27,6 +26,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from peft import LoraConfig, PeftModel, get_peft_model
+
+from tests.helpers.hub_fixtures import hub_client, hub_server  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.hub
 

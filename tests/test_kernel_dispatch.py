@@ -16,7 +16,7 @@ from lisa_peft import LisaConfig
 from lisa_peft.transformers_compat import cache_kwargs, output_cache
 from lisa_peft.tuners.lisa.dispatch import KernelPlan, mask_plan
 from lisa_peft.tuners.lisa.model import set_kernel_mode
-from tests.conftest import tiny_llama
+from tests.helpers.tiny_models import tiny_llama
 
 KERNELS = ("anchor_attention", "lisa_decode", "lisa_prefill")
 TOL = dict(atol=1e-5, rtol=1e-4)  # as tests/test_cache.py: summation order only (all fp32)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from lisa_peft import LisaAttention, LisaConfig
 from lisa_peft.model_card import MODEL_CARD_MARKER
-from tests.conftest import tiny_llama
+from tests.helpers.tiny_models import tiny_llama
 
 IDS = torch.tensor([[5, 17, 3, 90, 42, 7, 64, 1, 11, 33]])
 MLP = ["gate_proj", "up_proj", "down_proj"]

@@ -13,7 +13,7 @@ import transformers
 from peft import PeftModel, get_peft_model
 
 from lisa_peft import LisaConfig
-from tests.tiny_assets import save_tiny_checkpoint
+from tests.helpers.tiny_assets import save_tiny_checkpoint
 
 pytest.importorskip("lm_eval")
 

@@ -21,7 +21,7 @@ import lisa_peft
 from lisa_peft import LisaAttention, LisaConfig
 from lisa_peft.hub import InvalidAdapterConfigError, UnsafeAdapterFormatError
 from lisa_peft.tuners.lisa.checkpoint import LisaCheckpointError
-from tests.conftest import tiny_llama
+from tests.helpers.tiny_models import tiny_llama
 
 IDS = torch.tensor([[5, 17, 3, 90, 42, 7, 64, 1]])
 WEIGHTS = "adapter_model.safetensors"
@@ -254,7 +254,7 @@ def test_old_adapter_with_null_task_type_loads_as_causal_lm(base_dir, good_dir, 
 
 
 def test_pipeline_runs_an_old_adapter_saved_with_null_task_type(tmp_path):
-    from tests.tiny_assets import char_tokenizer, save_tiny_checkpoint
+    from tests.helpers.tiny_assets import char_tokenizer, save_tiny_checkpoint
 
     base_dir = save_tiny_checkpoint(tmp_path / "base")
     auto = transformers.AutoModelForCausalLM

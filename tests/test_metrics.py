@@ -12,8 +12,8 @@ from peft import get_peft_model
 from lisa_peft import LisaConfig
 from lisa_peft.metrics import METRICS, metric_path
 from lisa_peft.tuners.lisa.layer import LisaAttention
-from tests.conftest import tiny_llama
-from tests.tiny_assets import char_tokenizer
+from tests.helpers.tiny_assets import char_tokenizer
+from tests.helpers.tiny_models import tiny_llama
 
 evaluate = pytest.importorskip("evaluate")
 

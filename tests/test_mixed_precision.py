@@ -22,7 +22,7 @@ from peft import get_peft_model
 
 from lisa_peft import LisaConfig
 from lisa_peft.tuners.lisa import functional as LF
-from tests.conftest import VOCAB, tiny_llama
+from tests.helpers.tiny_models import VOCAB, tiny_llama
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 BASE = {"fp32-base": torch.float32, "bf16-base": torch.bfloat16}

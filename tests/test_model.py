@@ -8,7 +8,7 @@ from peft import get_peft_model
 
 from lisa_peft import LisaAttention, LisaConfig
 from lisa_peft.memory import lisa_parameter_count
-from tests.conftest import tiny_llama
+from tests.helpers.tiny_models import tiny_llama
 
 
 def _logits(model, ids, **kwargs):

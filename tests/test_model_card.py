@@ -14,7 +14,7 @@ from lisa_peft.hub.hooks import install_hub_hooks
 from lisa_peft.memory import kv_cache_bytes, lisa_parameter_count
 from lisa_peft.model_card import MODEL_CARD_MARKER, REPO_ID_PLACEHOLDER, render_model_card
 from lisa_peft.registration import register_lisa
-from tests.conftest import tiny_llama, tiny_llama_config
+from tests.helpers.tiny_models import tiny_llama, tiny_llama_config
 
 EVAL = {"perplexity": {"value": 31.2, "dataset": "tinyshakespeare (held-out 10%)"}}
 

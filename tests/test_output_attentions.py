@@ -16,7 +16,7 @@ from peft import get_peft_model
 
 from lisa_peft import LisaConfig
 from lisa_peft.tuners.lisa.model import backbone
-from tests.conftest import tiny_llama
+from tests.helpers.tiny_models import tiny_llama
 
 LAYERS = [2, 3, 5]  # anchors 1 and 4; layer 0 is a plain base layer
 

@@ -17,7 +17,7 @@ import torch
 from peft import get_peft_model
 
 from lisa_peft import LisaConfig
-from tests.conftest import tiny_llama
+from tests.helpers.tiny_models import tiny_llama
 
 HEAD_DIM, R = 16, 4  # two of eight rotary planes per KV group
 LISA_LAYERS = [2, 3, 4, 6]  # runs 2-3-4 (anchor 1) and 6 (anchor 5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.prefill import build_model, growing_cache_kwargs, main, median_rows, parse_layers, ratio_table, run_one
-from tests.conftest import tiny_llama
+from tests.helpers.tiny_models import tiny_llama
 
 
 @pytest.fixture(scope="module")

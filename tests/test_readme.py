@@ -87,8 +87,8 @@ def test_readme_fidelity_example_runs(tmp_path, monkeypatch):
     from peft import get_peft_model
 
     from lisa_peft import LisaConfig
-    from tests.conftest import tiny_llama
-    from tests.tiny_assets import char_tokenizer, sample_text
+    from tests.helpers.tiny_assets import char_tokenizer, sample_text
+    from tests.helpers.tiny_models import tiny_llama
 
     monkeypatch.chdir(tmp_path)
     question = {"question": "Which?", "choices": {"text": ["a b", "c"], "label": ["A", "B"]}, "answerKey": "A"}

@@ -14,7 +14,7 @@ import yaml
 
 from lisa_peft.recipe import load_recipe, run_recipe
 from lisa_peft.training import distillation_kl
-from tests.tiny_assets import sample_text, save_tiny_checkpoint
+from tests.helpers.tiny_assets import sample_text, save_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,7 +12,7 @@ from peft import get_peft_model
 from lisa_peft import LisaConfig
 from lisa_peft.transformers_compat import output_cache
 from lisa_peft.tuners.lisa import functional as LF
-from tests.conftest import VOCAB, tiny_llama
+from tests.helpers.tiny_models import VOCAB, tiny_llama
 
 
 def _spy_on_tiles(monkeypatch) -> list[tuple[str, dict]]:

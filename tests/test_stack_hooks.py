@@ -8,7 +8,7 @@ from peft import get_peft_model
 
 from lisa_peft import LisaConfig
 from lisa_peft.tuners.lisa.model import backbone, remove_lisa_adapter
-from tests.conftest import tiny_llama
+from tests.helpers.tiny_models import tiny_llama
 
 
 def stack_state(model: torch.nn.Module) -> dict:

@@ -17,7 +17,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from lisa_peft import LisaConfig
 from lisa_peft.transformers_compat import cache_kwargs, output_cache, update_cache
-from tests.conftest import tiny_llama
+from tests.helpers.tiny_models import tiny_llama
 
 LAYERS = [2, 3, 5]
 

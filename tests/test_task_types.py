@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from lisa_peft import LisaConfig
 from lisa_peft.tuners.lisa.checkpoint import LisaCheckpointError
-from tests.conftest import tiny_llama, tiny_llama_config
+from tests.helpers.tiny_models import tiny_llama, tiny_llama_config
 
 LAYERS = [2, 3, 5]
 IDS = torch.tensor([[5, 17, 3, 90, 42, 7, 64, 11], [9, 8, 31, 4, 77, 12, 50, 6]])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.train_memory import run_one, table
-from tests.conftest import tiny_llama
+from tests.helpers.tiny_models import tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import transformers
 from peft import get_peft_model
 
 from lisa_peft import LisaConfig
-from tests.conftest import VOCAB, tiny_llama
+from tests.helpers.tiny_models import VOCAB, tiny_llama
 
 
 def _lisa_grads(model, ids) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from lisa_peft import LisaConfig
 from lisa_peft import transformers_compat as compat
 from lisa_peft.generation_check import CachedGenerationMismatch, verify_cached_generation
 from lisa_peft.tuners.lisa.layer import LisaAttention
-from tests.conftest import tiny_llama
+from tests.helpers.tiny_models import tiny_llama
 
 
 def _lisa_model(kv_heads: int, r: int | None = None):

@@ -5,7 +5,7 @@ Nothing in here is shipped with ``lisa_peft``; it only exists so tests can drive
 ``push_to_hub``, ``hf_hub_download``, ``snapshot_download``, ``PeftModel.from_pretrained``) against
 127.0.0.1 instead of huggingface.co.
 
-``olah`` (see ``hub_server.py``) serves *downloads* from local git repositories but has no upload API,
+``olah`` (see ``tests/helpers/hub_server.py``) serves *downloads* from local git repositories but has no upload API,
 and the client talks to exactly one endpoint (``HF_ENDPOINT``).  :class:`HubFrontServer` is therefore
 the single endpoint the client sees.  It is a small ``http.server.ThreadingHTTPServer`` that
 
@@ -67,7 +67,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; avoids an import cycle with hub_server
-    from hub_server import GitRepoStore
+    from tests.helpers.hub_server import GitRepoStore
 
 INVALID_CREDENTIALS = "Invalid credentials in Authorization header"
 TEST_USER = "test-user"

@@ -8,7 +8,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from tests.conftest import tiny_llama
+from tests.helpers.tiny_models import tiny_llama
 
 CHARS = string.ascii_letters + string.digits + string.punctuation + " \n"
 SPECIAL = ["<unk>", "<s>", "</s>"]

@@ -1,4 +1,4 @@
-"""TEST INFRASTRUCTURE: pytest fixtures for the offline local Hugging Face Hub (see ``hub_server.py``).
+"""TEST INFRASTRUCTURE: pytest fixtures for the offline local Hugging Face Hub (see ``tests/helpers/hub_server.py``).
 
 Fixtures
 --------
@@ -13,7 +13,7 @@ Fixtures
     at it (``HF_ENDPOINT``, ``HF_TOKEN`` = the valid token, a per-test ``HF_HOME`` cache); undone after
     the test.
 
-Use them from a test module with ``from conftest_hub import hub_client, hub_server  # noqa: F401``, or
+Use them from a test module with ``from tests.helpers.hub_fixtures import hub_client, hub_server  # noqa: F401``, or
 make them available everywhere by adding the same line to ``tests/conftest.py``.
 """
 
@@ -25,7 +25,8 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from hub_server import LocalHub, local_hub
+
+from tests.helpers.hub_server import LocalHub, local_hub
 
 
 @pytest.fixture(scope="session")

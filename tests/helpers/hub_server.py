@@ -20,7 +20,7 @@ without network access:
     ``.../tree/{rev}/{path}``, ``.../refs``, ``.../commits/{rev}``, ``.../paths-info/{rev}``;
   - NOT served offline from local git: ``/api/models/{org}/{name}`` without a revision and every
     error case (missing repo, revision or file all come back as 401 ``RepoNotFound``).  The front
-    server in ``hub_commit_server.py`` papers over exactly these.
+    server in ``tests/helpers/hub_commit_server.py`` papers over exactly these.
 
 * **Uploads**: olah has no upload API, so :class:`hub_commit_server.HubFrontServer` implements the
   few Hub write endpoints and commits into the same bare git repos olah serves.  It is also the one
@@ -66,7 +66,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hub_commit_server import HubError, HubFrontServer, entry_not_found, repo_not_found, revision_not_found
+from tests.helpers.hub_commit_server import (
+    HubError,
+    HubFrontServer,
+    entry_not_found,
+    repo_not_found,
+    revision_not_found,
+)
 
 DEFAULT_TEST_TOKEN = "hf_lisapeft_local_test_hub_token"
 OLAH_STARTUP_TIMEOUT = 45.0
@@ -75,7 +81,7 @@ GIT_TIMEOUT = 30.0
 _TYPE_DIRS = {"model": "models", "dataset": "datasets"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _SIDECAR = "lisa-test-hub.json"  # per-repo metadata (private flag) stored inside the bare repo dir
-_INITIAL_GITATTRIBUTES = b"# repository created by the lisa-peft local test hub (tests/hub_server.py)\n"
+_INITIAL_GITATTRIBUTES = b"# repository created by the lisa-peft local test hub (tests/helpers/hub_server.py)\n"
 _AUTHOR = b"lisa-peft test hub <test-hub@localhost>"
 
 
@@ -530,7 +536,7 @@ def olah_server(
 class LocalHub:
     """A running local Hub: ``endpoint`` (set as HF_ENDPOINT), ``token`` (the only valid token), repos.
 
-    Built by :func:`local_hub`; the pytest fixture ``hub_server`` (``tests/conftest_hub.py``) yields one.
+    Built by :func:`local_hub`; the pytest fixture ``hub_server`` (``tests/helpers/hub_fixtures.py``) yields one.
     """
 
     def __init__(self, root: Path, store: GitRepoStore, front: HubFrontServer, olah: OlahProcess) -> None:
