@@ -64,7 +64,7 @@ def test_least_squares_ffn_recovers_a_known_head_mixing():
         delta = torch.matmul(q_r.reshape(6, 2, 2 * 24, 4), k_r.transpose(-1, -2)).view(6, 4, 24, 24) * 0.25
     target = torch.einsum("gh,bhtn->bgtn", mixing, prev) + delta
     C.fit_head_ffn(layer, "default", prev, target, hidden, rope, ridge=0.0)
-    got = layer.head_ffn("default", prev)
+    got = layer.align_heads("default", prev)
     valid = torch.ones(24, 24, dtype=torch.bool).tril()
     centre = lambda x: C._centre_rows(x, valid)  # noqa: E731
     torch.testing.assert_close(centre(got), centre(target - delta), atol=1e-3, rtol=1e-3)
@@ -79,7 +79,7 @@ def test_linear_ffn_init_of_a_wider_ffn_is_exact_and_all_its_units_can_learn():
     with torch.no_grad():
         C.set_linear_ffn(layer, "default", m, bias)
     prev = torch.randn(2, 4, 5, 5)
-    out = layer.head_ffn("default", prev)
+    out = layer.align_heads("default", prev)
     torch.testing.assert_close(out, torch.einsum("gh,bhtn->bgtn", m, prev) + bias[:, None, None], atol=1e-5, rtol=1e-5)
     out.square().sum().backward()
     down = layer.lisa_ffn_down["default"].weight

@@ -81,7 +81,7 @@ def test_identity_head_ffn_is_exact():
     model = get_peft_model(tiny_llama(2), LisaConfig(lisa_layers=[3]))
     layer = model.base_model.model.model.layers[3].self_attn
     x = torch.randn(2, 4, 5, 7) * 10
-    torch.testing.assert_close(layer.head_ffn("default", x), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer.align_heads("default", x), x, atol=1e-5, rtol=0)
 
 
 def test_base_q_and_k_of_lisa_layers_are_unused(input_ids):

@@ -39,18 +39,18 @@ def valid_keys(
     return valid[:, None]
 
 
-def additive_mask(valid: torch.Tensor) -> torch.Tensor:
+def valid_bias(valid: torch.Tensor) -> torch.Tensor:
     """0 where valid, MASK_VALUE elsewhere (fp32)."""
     zero = torch.zeros((), dtype=torch.float32, device=valid.device)
     return torch.where(valid, zero, torch.full_like(zero, MASK_VALUE))
 
 
-def masked_softmax(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def softmax_over_valid(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``softmax(x + mask)`` over the last (key) axis, in fp32."""
-    return torch.softmax(x.float() + additive_mask(valid), dim=-1)
+    return torch.softmax(x.float() + valid_bias(valid), dim=-1)
 
 
-def head_ffn(x: torch.Tensor, weights: LisaWeights) -> torch.Tensor:
+def head_ffn_reference(x: torch.Tensor, weights: LisaWeights) -> torch.Tensor:
     """Head-alignment FFN along the head axis of ``x [B, H, T, N]`` for every (query, key) pair.
 
     ``A[:, h] = sum_f w2[h, f] * relu(sum_h' w1[f, h'] * x[:, h'] + b1[f]) + b2[h]``;
@@ -62,7 +62,7 @@ def head_ffn(x: torch.Tensor, weights: LisaWeights) -> torch.Tensor:
     return torch.einsum("hf,bftn->bhtn", w2.float(), hidden) + b2.float()[None, :, None, None]
 
 
-def lisa_attention(
+def lisa_attention_reference(
     prev_logits: torch.Tensor,
     q_r: torch.Tensor,
     k_r: torch.Tensor,
@@ -80,15 +80,15 @@ def lisa_attention(
     g = H // G
     x = prev_logits.float()
     if share == "probs":
-        x = masked_softmax(x, valid)
-    a = head_ffn(x, weights)
+        x = softmax_over_valid(x, valid)
+    a = head_ffn_reference(x, weights)
     k_full = k_r.float().repeat_interleave(g, dim=1)  # [B, H, N, r]: query head h uses kv head h // g
     delta = scale * torch.einsum("bhti,bhni->bhtn", q_r.float(), k_full)
     if share == "probs":
         s = torch.log(torch.relu(a) + PROBS_EPS) + delta
     else:
         s = a + delta
-    p = masked_softmax(s, valid)
+    p = softmax_over_valid(s, valid)
     out = torch.einsum("bhtn,bhnd->bhtd", p, v.float().repeat_interleave(g, dim=1))
     return out.to(v.dtype), s.to(v.dtype)
 
@@ -99,6 +99,6 @@ def full_attention(
     """Softmax attention with GQA; returns ``out [B, H, T, D]`` and pre-mask ``S = scale * q k^T``."""
     g = q.shape[1] // k.shape[1]
     s = scale * torch.einsum("bhtd,bhnd->bhtn", q.float(), k.float().repeat_interleave(g, dim=1))
-    p = masked_softmax(s, valid)
+    p = softmax_over_valid(s, valid)
     out = torch.einsum("bhtn,bhnd->bhtd", p, v.float().repeat_interleave(g, dim=1))
     return out.to(v.dtype), s.to(v.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lisa_kernels._checks import check_lisa_inputs, check_scale
-from lisa_kernels._reference import lisa_attention, valid_keys
+from lisa_kernels._reference import lisa_attention_reference, valid_keys
 from lisa_kernels._weights import LisaWeights
 
 
@@ -24,7 +24,7 @@ def lisa_decode_reference(
     scale = check_scale(scale)
     B, _, N = prev_logits.shape
     valid = valid_keys(B, 1, N, prev_logits.device, lengths=lengths)
-    out, s = lisa_attention(
+    out, s = lisa_attention_reference(
         prev_logits[:, :, None], q_r[:, :, None], k_r, v, weights, scale, share, valid
     )
     return out[:, :, 0], s[:, :, 0]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lisa_kernels._checks import check_lisa_inputs, check_scale
-from lisa_kernels._reference import lisa_attention, valid_keys
+from lisa_kernels._reference import lisa_attention_reference, valid_keys
 from lisa_kernels._weights import LisaWeights
 
 
@@ -22,4 +22,4 @@ def lisa_prefill_reference(
     dims = check_lisa_inputs(prev_logits, q_r, k_r, v, weights, share, None, prefill=True)
     scale = check_scale(scale)
     valid = valid_keys(dims.B, dims.T, dims.N, prev_logits.device)
-    return lisa_attention(prev_logits, q_r, k_r, v, weights, scale, share, valid)
+    return lisa_attention_reference(prev_logits, q_r, k_r, v, weights, scale, share, valid)

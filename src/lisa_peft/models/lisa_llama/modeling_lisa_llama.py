@@ -103,7 +103,7 @@ class LisaLlamaAttention(LlamaAttention):
         """hidden_states [B, T, d] -> (output [B, T, d], probabilities [B, H, T, N] or None on the kernels)."""
         state = _pop_state(kwargs, self.layer_idx)
         cache = compat.pop_cache(kwargs, self.layer_idx)
-        return LA.lisa_attention(self.lisa_weights(), hidden_states, position_embeddings, attention_mask, cache, state,
+        return LA.lisa_forward(self.lisa_weights(), hidden_states, position_embeddings, attention_mask, cache, state,
                                  need_probs=_outputs_observed(self))
 
 
@@ -127,7 +127,7 @@ class LisaLlamaAnchorAttention(LlamaAttention):
         """hidden_states [B, T, d] -> (output [B, T, d], probabilities [B, H, T, N] or None on the kernels)."""
         state = _pop_state(kwargs, self.layer_idx)
         cache = compat.pop_cache(kwargs, self.layer_idx)
-        return LA.anchor_attention(
+        return LA.anchor_forward(
             self.anchor_weights(), hidden_states, position_embeddings, attention_mask, cache, state,
             need_probs=_outputs_observed(self),
         )

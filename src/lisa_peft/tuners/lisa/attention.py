@@ -119,7 +119,7 @@ def _probs_and_values(
     return probs, LF.grouped_values(probs, v)
 
 
-def anchor_attention(
+def anchor_forward(
     w: AnchorWeights,
     hidden_states: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
@@ -175,7 +175,7 @@ def lisa_projections(
     return q_r, LF.apply_rotary(k_r, cos_r, sin_r)
 
 
-def head_ffn(w: LisaWeights, x: torch.Tensor) -> torch.Tensor:
+def align_heads(w: LisaWeights, x: torch.Tensor) -> torch.Tensor:
     """The head-alignment FFN on [B, H, T, N] logits or probabilities."""
     return LF.head_ffn(x, w.ffn_up.weight, w.ffn_up.bias, w.ffn_down.weight, w.ffn_down.bias)
 
@@ -186,10 +186,10 @@ def lisa_logits(
     """This layer's pre-mask logits [B, H, T, N] from the previous layer's [B, H, T, N]."""
     prev = prev_logits.to(q_r.dtype)
     ffn_in = prev if w.share == "logits" else LF.masked_softmax(prev, mask, q_r.dtype)
-    return LF.combine_scores(head_ffn(w, ffn_in), q_r, k_r, w.scaling, w.share)
+    return LF.combine_scores(align_heads(w, ffn_in), q_r, k_r, w.scaling, w.share)
 
 
-def lisa_attention(
+def lisa_forward(
     w: LisaWeights,
     hidden_states: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
@@ -199,7 +199,7 @@ def lisa_attention(
     need_probs: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """LiSA attention -> (output [B, T, d], probabilities or None on the kernels or when not
-    `need_probs`, as in `anchor_attention`). Caches only Kr and V. A maskless one-token decode step takes
+    `need_probs`, as in `anchor_forward`). Caches only Kr and V. A maskless one-token decode step takes
     `decode_step.lisa_step` (same numbers, fewer PyTorch calls)."""
     if decode_step.applies(w.kernel, hidden_states, attention_mask, cache, w.layer_idx, need_probs):
         return decode_step.lisa_step(w, hidden_states, position_embeddings, cache, state), None
@@ -238,11 +238,11 @@ def lisa_attention(
 __all__ = [
     "AnchorWeights",
     "LisaWeights",
-    "anchor_attention",
+    "anchor_forward",
     "attention_output",
     "explicit_mask",
-    "head_ffn",
-    "lisa_attention",
+    "align_heads",
+    "lisa_forward",
     "lisa_logits",
     "lisa_projections",
     "outputs_observed",

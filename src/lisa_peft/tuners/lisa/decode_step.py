@@ -1,7 +1,7 @@
 """The lean decode step: one new token of an anchor or LiSA layer on the PyTorch path.
 
 A decode step (T = 1) without a mask does little arithmetic per layer at short and medium contexts,
-so the number of PyTorch calls counts: `attention.lisa_attention`'s general path (query-row tiles,
+so the number of PyTorch calls counts: `attention.lisa_forward`'s general path (query-row tiles,
 additive mask, repeated rotary tables for the query heads, a logits tile copied into the logits
 buffer) spends more PyTorch calls per layer than one token needs. These functions compute the
 same numbers with fewer calls: the rotary tables broadcast over the query heads of a KV group

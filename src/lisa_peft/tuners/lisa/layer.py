@@ -247,8 +247,8 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         )
 
     def _anchor_forward(self, adapter, hidden_states, position_embeddings, attention_mask, cache, state):
-        """Full attention that publishes its pre-mask logits (`attention.anchor_attention`)."""
-        return LA.anchor_attention(
+        """Full attention that publishes its pre-mask logits (`attention.anchor_forward`)."""
+        return LA.anchor_forward(
             self.anchor_weights(adapter), hidden_states, position_embeddings, attention_mask, cache, state,
             need_probs=LA.outputs_observed(
                 self, self.base_layer, recorded=compat.records_attention_weights(self.base_layer.config)),
@@ -267,14 +267,14 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         return LA.lisa_logits(self.lisa_weights(adapter), q_r, k_r, prev_logits, mask)
 
     def _lisa_forward(self, adapter, hidden_states, position_embeddings, attention_mask, cache, state):
-        """LiSA attention (`attention.lisa_attention`); on the Triton kernels when dispatch.py says so."""
-        return LA.lisa_attention(
+        """LiSA attention (`attention.lisa_forward`); on the Triton kernels when dispatch.py says so."""
+        return LA.lisa_forward(
             self.lisa_weights(adapter), hidden_states, position_embeddings, attention_mask, cache, state,
             need_probs=LA.outputs_observed(
                 self, self.base_layer, recorded=compat.records_attention_weights(self.base_layer.config)),
         )
 
-    def head_ffn(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+    def align_heads(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         """The head-alignment FFN of `adapter` on [B, H, T, N] logits or probabilities."""
         up, down = self.lisa_ffn_up[adapter], self.lisa_ffn_down[adapter]
         return LF.head_ffn(x, up.weight, up.bias, down.weight, down.bias)
