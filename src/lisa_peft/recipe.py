@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import enum
 import functools
 import inspect
@@ -66,6 +65,7 @@ import yaml
 from peft import PeftModel
 
 from .data import load_texts, split_texts, spread_windows, token_windows
+from .recipe_files import closest
 from .tuners.lisa import LisaConfig
 
 logger = logging.getLogger(__name__)
@@ -141,8 +141,8 @@ def _one_of(choices: Collection[str]) -> Callable[[Any], str | None]:
 
 
 def _did_you_mean(value: Any, choices: Collection[str]) -> str:
-    close = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    close = closest(value, list(choices))
+    return f"; did you mean {close!r}?" if close else ""
 
 
 def _text_source_check(allow_sampled: bool) -> Callable[[Any], str | None]:

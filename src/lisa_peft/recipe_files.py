@@ -14,6 +14,12 @@ BUNDLED_PACKAGE = "lisa_peft.bundled_recipes"
 DEMO_RECIPE = "demo_smollm2_cpu"
 
 
+def closest(value: object, choices: list[str] | tuple[str, ...] | set[str]) -> str | None:
+    """The choice closest to `value` (difflib's default cutoff), for "did you mean" hints; None if none is close."""
+    close = difflib.get_close_matches(str(value), list(choices), n=1)
+    return close[0] if close else None
+
+
 class RecipeNotFoundError(FileNotFoundError):
     """Neither a file nor a bundled recipe; the message lists the bundled names."""
 
@@ -32,8 +38,8 @@ def accelerate_config(name: str) -> Path:
     """A bundled `accelerate launch` config by name (e.g. "ddp", "fsdp")."""
     configs = {path.stem: path for path in sorted((bundled_recipes_dir() / "accelerate").glob("*.yaml"))}
     if name not in configs:
-        close = difflib.get_close_matches(name, list(configs), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        close = closest(name, list(configs))
+        hint = f" Did you mean {close!r}?" if close else ""
         raise RecipeNotFoundError(f"No bundled accelerate config {name!r}.{hint} Bundled: {', '.join(configs)}.")
     return configs[name]
 
@@ -58,8 +64,8 @@ def resolve_recipe(name_or_path: str | Path) -> Path:
     # "recipes/NAME.yaml" (the README's and a checkout's spelling) also finds the bundled copy.
     if path.parent.name in ("", ".", "recipes") and name in bundled:
         return bundled[name]
-    close = difflib.get_close_matches(name, list(bundled), n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    close = closest(name, list(bundled))
+    hint = f" Did you mean {close!r}?" if close else ""
     raise RecipeNotFoundError(
         f"Recipe {str(name_or_path)!r} is neither a file nor a bundled recipe.{hint} "
         f"Bundled recipes: {', '.join(bundled)} (`lisa-peft recipes` lists them)."
