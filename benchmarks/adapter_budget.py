@@ -19,7 +19,7 @@ from peft import get_peft_model
 
 import lisa_peft  # noqa: F401  (registers LISA)
 from lisa_peft import LisaConfig
-from lisa_peft.memory import kv_cache_bytes
+from lisa_peft.evaluation.memory import kv_cache_bytes
 from lisa_peft.tuners.lisa.model import default_rank
 
 SHAPES = {

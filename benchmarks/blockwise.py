@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from lisa_peft import calibration as C
+from lisa_peft.pipeline import calibration as C
 from lisa_peft.tuners.lisa import attention as LA
 from lisa_peft.tuners.lisa import functional as LF
 from lisa_peft.tuners.lisa.layer import ROLE_LISA, LisaAttention

@@ -45,8 +45,8 @@ from peft import get_peft_model  # noqa: E402
 import lisa_peft  # noqa: E402,F401  (registers LISA and lisa_llama)
 from benchmarks.adapter_budget import SHAPES  # noqa: E402
 from lisa_peft import LisaConfig  # noqa: E402
-from lisa_peft.compact import compact_config, parameter_bytes  # noqa: E402
-from lisa_peft.models.lisa_llama import LisaLlamaForCausalLM  # noqa: E402
+from lisa_peft.compact.lisa_llama import LisaLlamaForCausalLM  # noqa: E402
+from lisa_peft.compact.merge import compact_config, parameter_bytes  # noqa: E402
 from lisa_peft.tuners.lisa.model import default_rank  # noqa: E402
 
 MIB = 2**20
@@ -78,7 +78,7 @@ def analytic(name: str, fraction: float) -> dict:
 
 def demo() -> dict:
     """Measured on SmolLM2-135M (the demo model), LiSA layers 18-29."""
-    from lisa_peft.base_models import load_base_model
+    from lisa_peft.pipeline.base_models import load_base_model
 
     base, tokenizer = load_base_model()
     out = {"dtype": str(next(base.parameters()).dtype).removeprefix("torch."), "base": parameter_bytes(base)}
@@ -135,7 +135,7 @@ def rss_one(form: str, folder: str) -> dict:
 
 def rss() -> list[dict]:
     """Build adapter and compact folder of the demo model, then measure each form in a fresh subprocess."""
-    from lisa_peft.base_models import load_base_model, resolve_base_model
+    from lisa_peft.pipeline.base_models import load_base_model, resolve_base_model
 
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "base").symlink_to(resolve_base_model(progress=False), target_is_directory=True)

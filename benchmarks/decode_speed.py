@@ -14,7 +14,7 @@ the median is reported. Device: CUDA when available (LiSA layers then use the Tr
 Memory (the warm-up decode of each variant, measured alone):
 
 * ``cache MB``: bytes of the KV-cache tensors after the prefill (measured), next to the analytic
-  ratio of ``lisa_peft.memory.model_kv_cache_bytes``;
+  ratio of ``lisa_peft.evaluation.memory.model_kv_cache_bytes``;
 * ``decode peak MB``: extra memory at the peak of the ``--steps`` decode steps over what was in use
   before them (cache growth and temporaries). On CUDA: ``torch.cuda.max_memory_allocated`` (after
   ``reset_peak_memory_stats``) minus ``memory_allocated`` before. On CPU: the peak resident set size
@@ -131,7 +131,7 @@ def crop_to(cache, n: int) -> None:
 @torch.no_grad()
 def prefill(model, ids: torch.Tensor, chunk: int):
     """KV cache of `ids` [1, N], built `chunk` tokens at a time; returns (cache, last logits)."""
-    from lisa_peft.transformers_compat import DynamicCache, cache_kwargs
+    from lisa_peft.tuners.lisa.transformers_compat import DynamicCache, cache_kwargs
 
     cache = DynamicCache()
     logits = None
@@ -144,7 +144,7 @@ def prefill(model, ids: torch.Tensor, chunk: int):
 @torch.no_grad()
 def decode(model, cache, logits: torch.Tensor, steps: int, device: torch.device) -> float:
     """Seconds for `steps` greedy decode steps from `cache` (appends to it)."""
-    from lisa_peft.transformers_compat import cache_kwargs
+    from lisa_peft.tuners.lisa.transformers_compat import cache_kwargs
 
     token = logits.argmax(-1)
     if device.type == "cuda":
@@ -185,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     from peft import get_peft_model
 
     from lisa_peft import LisaConfig
-    from lisa_peft.base_models import load_base_model
-    from lisa_peft.memory import model_kv_cache_bytes
+    from lisa_peft.evaluation.memory import model_kv_cache_bytes
+    from lisa_peft.pipeline.base_models import load_base_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")

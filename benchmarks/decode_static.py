@@ -3,7 +3,7 @@
     python benchmarks/decode_static.py [--prompt 256] [--new 32] [--repeats 3] [--threads 1]
                                        [--compile-backend inductor] [--no-compile]
 
-The demo model (SmolLM2-135M, `lisa_peft.base_models`) with LiSA in layers 18-29 (identity init: the speed
+The demo model (SmolLM2-135M, `lisa_peft.pipeline.base_models`) with LiSA in layers 18-29 (identity init: the speed
 does not depend on the weights). Each variant runs `generate` (one untimed warm-up, which also compiles),
 then the median over `--repeats` of [time(generate `--new` tokens) - time(generate 1 token)] / (`--new` - 1),
 i.e. the decode step alone. "static + compile" is transformers' own route: `cache_implementation="static"`
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from lisa_peft.base_models import load_base_model
+    from lisa_peft.pipeline.base_models import load_base_model
 
     base, _ = load_base_model()
     device = "cuda" if torch.cuda.is_available() else "cpu"

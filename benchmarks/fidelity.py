@@ -2,16 +2,16 @@
 
 Converts SmolLM2-135M-Instruct with `lisa_peft.convert` (calibrated init + layer-wise stage), optionally
 runs the block-wise output-reconstruction stage (`benchmarks/blockwise.py`), then distils end to end
-against the base model's cached top-64 log-probabilities (`lisa_peft.training.cache_teacher_topk`,
+against the base model's cached top-64 log-probabilities (`lisa_peft.pipeline.training.cache_teacher_topk`,
 `topk_distillation_kl`; a plain AdamW loop, 10 warm-up steps, cosine over `--steps`). After each stage
 and every `--every` steps it prints KL(base || LiSA) and the perplexity ratio LiSA/base
-(`lisa_peft.fidelity`) on two held-out texts of sources it never trains on:
+(`lisa_peft.evaluation.fidelity`) on two held-out texts of sources it never trains on:
 
 * ``shakespeare``: the last 10% of ``tinyshakespeare.txt``, development text that is not part of the
   repository: read from the folder ``$LISA_PEFT_HELDOUT_DIR`` names (never copied; left out when unset or absent);
 * ``pydoc``: Python's pydoc topics (the demo's held-out text);
 16 windows of 256 tokens each, spread evenly over the text. Training and calibration text: windows
-sampled from the base model (`lisa_peft.sampled_corpus.sampled_windows`).
+sampled from the base model (`lisa_peft.pipeline.sampled_corpus.sampled_windows`).
 
     python benchmarks/fidelity.py NAME --fraction 0.4 --layerwise-steps 100 --blockwise-steps 100 --steps 200
 
@@ -39,7 +39,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def held_out_sets(tokenizer, seq_len: int = 256, n: int = 16) -> dict[str, torch.Tensor]:
     """{"shakespeare": [n, seq_len], "pydoc": [n, seq_len]} token windows spread over each text."""
-    from lisa_peft.data import embedded_corpus, spread_windows, token_windows
+    from lisa_peft.pipeline.data import embedded_corpus, spread_windows, token_windows
 
     sets = {}
     folder = os.environ.get(HELDOUT_DIR_ENV)
@@ -53,11 +53,11 @@ def held_out_sets(tokenizer, seq_len: int = 256, n: int = 16) -> dict[str, torch
 
 def main(argv: list[str] | None = None) -> int:
     from lisa_peft import LisaConfig
-    from lisa_peft.base_models import load_base_model
-    from lisa_peft.convert import convert
-    from lisa_peft.fidelity import measure_fidelity
-    from lisa_peft.sampled_corpus import sampled_windows
-    from lisa_peft.training import cache_teacher_topk, topk_distillation_kl
+    from lisa_peft.evaluation.fidelity import measure_fidelity
+    from lisa_peft.pipeline.base_models import load_base_model
+    from lisa_peft.pipeline.convert import convert
+    from lisa_peft.pipeline.sampled_corpus import sampled_windows
+    from lisa_peft.pipeline.training import cache_teacher_topk, topk_distillation_kl
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name")

@@ -2,7 +2,7 @@
 
 For SmolLM2-135M-Instruct (the embedded demo model):
 
-1. sample the training windows from the base model (`lisa_peft.sampled_corpus`), calibrate on the first
+1. sample the training windows from the base model (`lisa_peft.pipeline.sampled_corpus`), calibrate on the first
    `--calibration` of them (their first 128 tokens);
 2. run the layer probe of ``lisa_layers="auto"`` once (`--probe-r`), so that the layer sets are nested
    (the 50 % set is inside the 67 % set, which is inside the 80 % set) and the cells differ only in
@@ -95,7 +95,7 @@ def find_row(rows: list[dict], kind: str, proto: dict, **keys) -> dict | None:
 
 
 def frozen_base():
-    from lisa_peft.base_models import load_base_model
+    from lisa_peft.pipeline.base_models import load_base_model
 
     model, tokenizer = load_base_model()
     for p in model.parameters():
@@ -106,8 +106,8 @@ def frozen_base():
 def probe_order(args, proto, rows, path, model, calibration) -> list[int]:
     """Candidate layers, least sensitive first (one probe shared by every cell)."""
     from lisa_peft import LisaConfig
-    from lisa_peft import calibration as C
-    from lisa_peft.convert import layer_sensitivity
+    from lisa_peft.pipeline import calibration as C
+    from lisa_peft.pipeline.convert import layer_sensitivity
 
     found = find_row(rows, "probe", proto)
     if found is None:
@@ -126,7 +126,7 @@ def distill(lisa, train: torch.Tensor, teacher, steps: int, lr: float) -> None:
 
     teacher: the base model's top-64 log-probabilities on `train` [N, T] (`teacher_topk`), shared by all cells.
     """
-    from lisa_peft.training import topk_distillation_kl
+    from lisa_peft.pipeline.training import topk_distillation_kl
 
     if steps <= 0:
         return
@@ -155,11 +155,11 @@ def distill(lisa, train: torch.Tensor, teacher, steps: int, lr: float) -> None:
 def run_cell(args, proto, fraction, r, layers, model, tokenizer, sets, calibration, train, teacher, questions,
              base_arc):
     from lisa_peft import LisaConfig
-    from lisa_peft.convert import convert
-    from lisa_peft.fidelity import measure_fidelity
-    from lisa_peft.memory import kv_cache_bytes
-    from lisa_peft.models.lisa_llama.sizes import compact_sizes
-    from lisa_peft.zero_shot import zero_shot_accuracy
+    from lisa_peft.compact.lisa_llama.sizes import compact_sizes
+    from lisa_peft.evaluation.fidelity import measure_fidelity
+    from lisa_peft.evaluation.memory import kv_cache_bytes
+    from lisa_peft.evaluation.zero_shot import zero_shot_accuracy
+    from lisa_peft.pipeline.convert import convert
 
     start = time.monotonic()
     torch.manual_seed(0)
@@ -192,7 +192,7 @@ def measure_speed(model, tokenizer, layers: list[int], r: int, repeats: int) -> 
     from peft import get_peft_model
 
     from lisa_peft import LisaConfig
-    from lisa_peft.data import embedded_corpus, token_windows
+    from lisa_peft.pipeline.data import embedded_corpus, token_windows
 
     lisa = get_peft_model(copy.deepcopy(model), LisaConfig(lisa_layers=layers, r=r)).eval()
     prompt = token_windows(tokenizer, embedded_corpus(), 128)[:1]
@@ -275,9 +275,9 @@ def draw(cells: list[dict], texts: list[str], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     import os
 
-    from lisa_peft.sampled_corpus import sampled_windows
-    from lisa_peft.training import teacher_topk
-    from lisa_peft.zero_shot import load_multiple_choice_jsonl, zero_shot_accuracy
+    from lisa_peft.evaluation.zero_shot import load_multiple_choice_jsonl, zero_shot_accuracy
+    from lisa_peft.pipeline.sampled_corpus import sampled_windows
+    from lisa_peft.pipeline.training import teacher_topk
 
     args = parse_args(argv)
     if args.threads:

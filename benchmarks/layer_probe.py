@@ -1,7 +1,7 @@
 """Which layer probe picks the best layers? Held-out fidelity of the layers each probe criterion chooses.
 
 For SmolLM2-135M: capture the calibration windows (the first `--calibration` sampled windows, 128
-tokens), run `lisa_peft.convert.layer_sensitivity` on the first 16 of them without and with a short
+tokens), run `lisa_peft.pipeline.convert.layer_sensitivity` on the first 16 of them without and with a short
 layer-wise fit (`--fit-steps`), take the `--fraction` least sensitive layers under each criterion
 ("loss": LM-loss increase, "output_kl": KL(base || model)), then convert each distinct layer set
 (calibrated init + `--layerwise-steps`, no end-to-end training) and measure the perplexity ratio and
@@ -30,11 +30,11 @@ from benchmarks.fidelity import RESULTS, held_out_sets  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     from lisa_peft import LisaConfig
-    from lisa_peft import calibration as C
-    from lisa_peft.base_models import load_base_model
-    from lisa_peft.convert import choose_layers, convert, layer_sensitivity
-    from lisa_peft.fidelity import measure_fidelity
-    from lisa_peft.sampled_corpus import sampled_windows
+    from lisa_peft.evaluation.fidelity import measure_fidelity
+    from lisa_peft.pipeline import calibration as C
+    from lisa_peft.pipeline.base_models import load_base_model
+    from lisa_peft.pipeline.convert import choose_layers, convert, layer_sensitivity
+    from lisa_peft.pipeline.sampled_corpus import sampled_windows
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--r", type=int, default=None, help="rank of the low-rank Q/K (default head_dim/6)")

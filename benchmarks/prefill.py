@@ -83,7 +83,7 @@ def build_model(variant: str, layers: list[int], model_path: str | None):
     'lisa-r=N' (rank of the low-rank Q/K; library default head_dim/6)."""
     from transformers import AutoModelForCausalLM
 
-    from lisa_peft.base_models import resolve_base_model
+    from lisa_peft.pipeline.base_models import resolve_base_model
 
     model = AutoModelForCausalLM.from_pretrained(resolve_base_model(model_path), dtype="float32",
                                                  attn_implementation="sdpa")
@@ -105,8 +105,8 @@ def build_model(variant: str, layers: list[int], model_path: str | None):
 
 def growing_cache_kwargs(model) -> dict:
     """`generate` keyword arguments that hand it an empty cache whose every layer is a `GrowingLayer`."""
-    from lisa_peft import transformers_compat as compat
-    from lisa_peft.growing_cache import grow_in_place
+    from lisa_peft.tuners.lisa import transformers_compat as compat
+    from lisa_peft.tuners.lisa.growing_cache import grow_in_place
 
     cache = compat.new_cache(model.config)
     for idx in range(len(cache.layers)):

@@ -5,7 +5,7 @@ Usage: ``python benchmarks/prefill_chunk_size.py [--tokens 2048] [--variants bas
 with ``--one VARIANT``), so the peak resident set size (``ru_maxrss``) of one variant is not hidden
 by another's. Variants: ``base`` (the base model, no adapter), ``none`` (LiSA in one pass) or a
 chunk size (LiSA with ``prefill_chunk_size`` = that size). The model is the cached demo base model
-(``lisa_peft.base_models.load_base_model``), fp32, LiSA layers from ``--layers`` (identity init: the
+(``lisa_peft.pipeline.base_models.load_base_model``), fp32, LiSA layers from ``--layers`` (identity init: the
 cost does not depend on the weights). Prints one JSON line per variant and the ratios to ``base``.
 """
 
@@ -26,7 +26,7 @@ def _one(variant: str, tokens: int, layers: list[int], threads: int) -> dict:
     from peft import get_peft_model
 
     from lisa_peft import LisaConfig
-    from lisa_peft.base_models import load_base_model
+    from lisa_peft.pipeline.base_models import load_base_model
 
     model, _ = load_base_model()
     if variant != "base":

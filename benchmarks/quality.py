@@ -31,7 +31,7 @@ ABLATIONS = {
 
 
 def _windows(tokenizer, text: str, seq_len: int, limit: int | None):
-    from lisa_peft.data import token_windows
+    from lisa_peft.pipeline.data import token_windows
 
     return token_windows(tokenizer, [text], seq_len, limit)
 
@@ -39,9 +39,9 @@ def _windows(tokenizer, text: str, seq_len: int, limit: int | None):
 def run_one(name: str, overrides: dict, args, texts: tuple[str, str], base_cache: dict) -> dict:
     """Convert (+ train) one configuration from a fresh base model; perplexities before/after."""
     from lisa_peft import LisaConfig
-    from lisa_peft.base_models import load_base_model
-    from lisa_peft.convert import convert
-    from lisa_peft.training import LisaTrainer, TimeBudgetCallback, TokenWindowDataset, perplexity
+    from lisa_peft.pipeline.base_models import load_base_model
+    from lisa_peft.pipeline.convert import convert
+    from lisa_peft.pipeline.training import LisaTrainer, TimeBudgetCallback, TokenWindowDataset, perplexity
 
     train_text, heldout_text = texts
     overrides = dict(overrides)

@@ -48,7 +48,7 @@ else
         echo "[compat]       run the whole suite on it, then raise the range and the lock."
     else
         echo "[compat] WARNING: $(versions), above the declared range, FAILS the subset (above)."
-        echo "[compat]          Users are protected by the upper bound in setup.cfg; fix lisa_peft/transformers_compat.py"
+        echo "[compat]          Users are protected by the upper bound in setup.cfg; fix lisa_peft/tuners/lisa/transformers_compat.py"
         echo "[compat]          before raising it."
     fi
 fi

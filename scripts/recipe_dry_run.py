@@ -74,7 +74,7 @@ LOGITS_RTOL = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-3}
 
 def recipe_path(name: str) -> Path:
     """A bundled GPU recipe by name (or a recipe file)."""
-    from lisa_peft.recipe_files import resolve_recipe
+    from lisa_peft.pipeline.recipe_files import resolve_recipe
 
     return resolve_recipe(name)
 
@@ -150,7 +150,7 @@ def scale_overrides(base_folder: Path, output_dir: Path, extra: list[str] | None
 
 def fsdp_cpu_config(dest: Path, num_processes: int = 2) -> Path:
     """The bundled FSDP accelerate config, for `num_processes` processes on this machine (nothing else changed)."""
-    from lisa_peft.recipe_files import accelerate_config
+    from lisa_peft.pipeline.recipe_files import accelerate_config
 
     config = yaml.safe_load(accelerate_config("fsdp").read_text())
     config["num_processes"] = num_processes
@@ -173,7 +173,7 @@ def launch_command(launch: str, recipe: Path, overrides: list[str], work: Path, 
     if launch == "single":
         return [sys.executable, *train]
     if launch == "ddp":
-        from lisa_peft.recipe_files import accelerate_config
+        from lisa_peft.pipeline.recipe_files import accelerate_config
 
         config = accelerate_config("cpu_2proc")
     elif launch == "fsdp":
@@ -319,7 +319,7 @@ def trained_change(output_dir: Path) -> float:
     """Largest |change| of a LiSA weight from the converted adapter (lisa_init) to the trained one (adapter)."""
     from safetensors.torch import load_file
 
-    from lisa_peft.recipe import FINAL_ADAPTER_DIR, INIT_ADAPTER_DIR
+    from lisa_peft.pipeline.recipe import FINAL_ADAPTER_DIR, INIT_ADAPTER_DIR
 
     before = load_file(output_dir / INIT_ADAPTER_DIR / "adapter_model.safetensors")
     after = load_file(output_dir / FINAL_ADAPTER_DIR / "adapter_model.safetensors")
@@ -339,9 +339,9 @@ def check_outputs(path: Path, overrides: list[str], output_dir: Path, cache: Pat
     import transformers
     from peft import PeftModel
 
-    from lisa_peft.base_models import load_base_model
-    from lisa_peft.fidelity import measure_fidelity
-    from lisa_peft.recipe import FINAL_ADAPTER_DIR, load_recipe, prepare_data
+    from lisa_peft.evaluation.fidelity import measure_fidelity
+    from lisa_peft.pipeline.base_models import load_base_model
+    from lisa_peft.pipeline.recipe import FINAL_ADAPTER_DIR, load_recipe, prepare_data
 
     recipe = load_recipe(path, overrides)
     summary = json.loads((output_dir / "summary.json").read_text())

@@ -1,4 +1,4 @@
-"""Adjacent-layer attention similarity (lisa_peft.analysis) and calibration text (lisa_peft.data).
+"""Adjacent-layer attention similarity (lisa_peft.evaluation.analysis) and calibration text (lisa_peft.pipeline.data).
 
 Tiny random LLaMA models and a word-level tokenizer built here; nothing is downloaded."""
 
@@ -14,9 +14,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from lisa_peft.analysis import adjacent_layer_similarity, analyze, attention_maps, pairwise_js_sums
 from lisa_peft.cli import main
-from lisa_peft.data import chunk_token_windows, load_texts
+from lisa_peft.evaluation.analysis import adjacent_layer_similarity, analyze, attention_maps, pairwise_js_sums
+from lisa_peft.pipeline.data import chunk_token_windows, load_texts
 
 WORDS = "the quick brown fox jumps over a lazy dog while small cats run under green trees and birds sing".split()
 
@@ -261,10 +261,10 @@ def test_analyze_without_matplotlib_names_the_extra_before_loading_anything(
 ) -> None:
     import sys
 
-    import lisa_peft.base_models
+    import lisa_peft.pipeline.base_models
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    monkeypatch.setattr(lisa_peft.base_models, "load_base_model",
+    monkeypatch.setattr(lisa_peft.pipeline.base_models, "load_base_model",
                         lambda *a, **k: pytest.fail("loaded the model although the figure cannot be drawn"))
     argv = ["analyze", str(model_dir), "--text", str(text_file), "--num-sequences", "2", "--seq-len", "8",
             "--out", str(tmp_path / "a")]

@@ -16,15 +16,15 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from lisa_peft import base_models
-from lisa_peft.base_models import (
+from lisa_peft.cli import main
+from lisa_peft.pipeline import base_models
+from lisa_peft.pipeline.base_models import (
     DEMO_MODEL,
     BaseModelUnavailableError,
     default_cache_dir,
     load_base_model,
     resolve_base_model,
 )
-from lisa_peft.cli import main
 
 FAKE_GGUF = b"GGUF not really, just bytes for the tests"
 FOLDER = "SmolLM2-135M-Instruct"

@@ -8,8 +8,8 @@ from peft import get_peft_model
 from transformers import DynamicCache, LlamaConfig
 
 from lisa_peft import LisaConfig
-from lisa_peft.memory import kv_cache_bytes, model_kv_cache_bytes, stored_cache_bytes
-from lisa_peft.transformers_compat import cache_kwargs, output_cache
+from lisa_peft.evaluation.memory import kv_cache_bytes, model_kv_cache_bytes, stored_cache_bytes
+from lisa_peft.tuners.lisa.transformers_compat import cache_kwargs, output_cache
 from tests.helpers.tiny_models import tiny_llama
 
 

@@ -16,8 +16,8 @@ from transformers.cache_utils import QuantizedCache
 from transformers.generation.configuration_utils import ALL_CACHE_IMPLEMENTATIONS
 
 from lisa_peft import LisaConfig
-from lisa_peft.memory import stored_cache_bytes
-from lisa_peft.transformers_compat import cache_kwargs
+from lisa_peft.evaluation.memory import stored_cache_bytes
+from lisa_peft.tuners.lisa.transformers_compat import cache_kwargs
 from tests.helpers.tiny_models import tiny_llama
 
 LAYERS = [2, 3, 5]

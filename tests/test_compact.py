@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 
 import lisa_peft
 from lisa_peft import LisaConfig, LisaLlamaConfig, LisaLlamaForCausalLM
-from lisa_peft.compact import compact_sizes, parameter_bytes
-from lisa_peft.models.lisa_llama import CompactCheckpointError, LisaLlamaAnchorAttention, LisaLlamaAttention
-from lisa_peft.transformers_compat import cache_kwargs, output_cache
+from lisa_peft.compact.lisa_llama import CompactCheckpointError, LisaLlamaAnchorAttention, LisaLlamaAttention
+from lisa_peft.compact.merge import compact_sizes, parameter_bytes
+from lisa_peft.tuners.lisa.transformers_compat import cache_kwargs, output_cache
 from tests.helpers.tiny_assets import char_tokenizer
 from tests.helpers.tiny_models import tiny_llama
 
@@ -255,7 +255,7 @@ def test_pipeline_text_generation_with_the_compact_folder(tmp_path):
 
 def test_lm_eval_model_class_loads_the_compact_folder(tmp_path):
     pytest.importorskip("lm_eval")
-    from lisa_peft.lm_eval_model import HFLisaLM
+    from lisa_peft.evaluation.lm_eval_model import HFLisaLM
 
     tokenizer = char_tokenizer()
     base = tiny_llama(2, vocab_size=len(tokenizer), pad_token_id=2, bos_token_id=1, eos_token_id=2)
@@ -312,7 +312,7 @@ def test_compact_model_keeps_the_kernel_dispatch(monkeypatch, input_ids):
 @pytest.mark.slow
 def test_smollm2_compact_model_is_smaller_and_equal(tmp_path):
     """SmolLM2-135M, 12 of 30 layers LiSA: compact logits == PeftModel's; the saved folder is smaller."""
-    from lisa_peft.base_models import load_base_model
+    from lisa_peft.pipeline.base_models import load_base_model
 
     base, tokenizer = load_base_model()
     base_bytes = parameter_bytes(base)

@@ -16,7 +16,7 @@ from huggingface_hub import ModelCard
 from peft import get_peft_model
 
 from lisa_peft import LisaConfig
-from lisa_peft.model_card import MODEL_CARD_MARKER
+from lisa_peft.integrations.hub.model_card import MODEL_CARD_MARKER
 from tests.helpers.tiny_assets import char_tokenizer
 from tests.helpers.tiny_models import tiny_llama
 

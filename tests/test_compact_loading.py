@@ -16,8 +16,8 @@ import transformers
 from peft import get_peft_model
 
 from lisa_peft import LisaConfig, LisaLlamaForCausalLM
-from lisa_peft.models.lisa_llama import CompactModelClassError, loading_guard
-from lisa_peft.models.lisa_llama.remote_code import AUTO_MAP, REMOTE_CODE_FILE
+from lisa_peft.compact.lisa_llama.remote_code import AUTO_MAP, REMOTE_CODE_FILE
+from lisa_peft.integrations.loading import CompactModelClassError, compact_guard
 from tests.helpers.tiny_models import tiny_llama
 
 LAYERS = [2, 3, 5]
@@ -113,7 +113,7 @@ def test_without_import_trust_remote_code_loads_through_the_installed_package(wi
     assert report["imported_before"] is False and report["imported_after"] is True
     remote, parent = report["trust"]["loaded"]
     assert remote.startswith("transformers_modules.") and remote.endswith(".modeling_lisa_llama.LisaLlamaForCausalLM")
-    assert parent == "lisa_peft.models.lisa_llama.modeling_lisa_llama.LisaLlamaForCausalLM"
+    assert parent == "lisa_peft.compact.lisa_llama.modeling_lisa_llama.LisaLlamaForCausalLM"
     torch.testing.assert_close(torch.load(folder / "out.pt"), torch.load(compact_dir / "expected.pt"), atol=1e-5,
                                rtol=0)
     assert report["llama"] == "CompactModelClassError"  # the guard is on once lisa_peft came in
@@ -167,7 +167,7 @@ def test_config_edited_to_llama_is_still_refused(compact_dir, tmp_path):
 
 def test_config_not_at_hand_before_loading_is_checked_after(compact_dir, monkeypatch):
     """A Hub repo not yet in the cache: the loaded model's config still gives the compact folder away."""
-    monkeypatch.setattr(loading_guard, "saved_config", lambda source, kwargs: None)
+    monkeypatch.setattr(compact_guard, "saved_config", lambda source, kwargs: None)
     with pytest.raises(CompactModelClassError):
         transformers.LlamaForCausalLM.from_pretrained(compact_dir)
 

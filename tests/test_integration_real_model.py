@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo_model():
-    from lisa_peft.base_models import load_base_model
+    from lisa_peft.pipeline.base_models import load_base_model
 
     return load_base_model()
 
@@ -30,9 +30,9 @@ def test_calibrated_init_beats_identity_init_on_the_real_model(demo_model):
     from peft import get_peft_model
 
     from lisa_peft import LisaConfig
-    from lisa_peft.convert import convert
-    from lisa_peft.data import chunk_token_windows, embedded_corpus
-    from lisa_peft.training import perplexity
+    from lisa_peft.pipeline.convert import convert
+    from lisa_peft.pipeline.data import chunk_token_windows, embedded_corpus
+    from lisa_peft.pipeline.training import perplexity
 
     model, tokenizer = demo_model
     texts = embedded_corpus()
@@ -54,7 +54,7 @@ def test_cached_generation_equals_the_full_forward_on_the_real_model(demo_model,
     from peft import PeftModel, get_peft_model
 
     from lisa_peft import LisaConfig
-    from lisa_peft.generation_check import verify_cached_generation
+    from lisa_peft.evaluation.generation_check import verify_cached_generation
 
     model, tokenizer = demo_model
     layers = [2, 5, 6, 7, 9, 12, 14, 21, 22, 25, 28, 29]

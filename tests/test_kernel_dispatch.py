@@ -13,9 +13,9 @@ from peft import get_peft_model
 
 import lisa_kernels
 from lisa_peft import LisaConfig
-from lisa_peft.transformers_compat import cache_kwargs, output_cache
 from lisa_peft.tuners.lisa.dispatch import KernelPlan, mask_plan
 from lisa_peft.tuners.lisa.model import set_kernel_mode
+from lisa_peft.tuners.lisa.transformers_compat import cache_kwargs, output_cache
 from tests.helpers.tiny_models import tiny_llama
 
 KERNELS = ("anchor_attention", "lisa_decode", "lisa_prefill")

@@ -13,7 +13,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 
 from lisa_peft import LisaAttention, LisaConfig
-from lisa_peft.model_card import MODEL_CARD_MARKER
+from lisa_peft.integrations.hub.model_card import MODEL_CARD_MARKER
 from tests.helpers.tiny_models import tiny_llama
 
 IDS = torch.tensor([[5, 17, 3, 90, 42, 7, 64, 1, 11, 33]])

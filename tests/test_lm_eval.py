@@ -60,7 +60,7 @@ def assets(tmp_path_factory) -> dict[str, Path]:
 def test_hf_lisa_is_registered_and_loads_the_adapter(assets):
     from lm_eval.api.registry import get_model
 
-    from lisa_peft.lm_eval_model import HFLisaLM
+    from lisa_peft.evaluation.lm_eval_model import HFLisaLM
 
     assert get_model("hf-lisa") is HFLisaLM
     lm = HFLisaLM(pretrained=str(assets["base"]), adapter=str(assets["adapter"]), device="cpu")

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save, save_file
 
 import lisa_peft
 from lisa_peft import LisaAttention, LisaConfig
-from lisa_peft.hub import InvalidAdapterConfigError, UnsafeAdapterFormatError
+from lisa_peft.integrations.hub import InvalidAdapterConfigError, UnsafeAdapterFormatError
 from lisa_peft.tuners.lisa.checkpoint import LisaCheckpointError
 from tests.helpers.tiny_models import tiny_llama
 

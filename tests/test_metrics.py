@@ -1,4 +1,4 @@
-"""`evaluate` metrics shipped in lisa_peft.metrics, loaded from their local folders (no Hub)."""
+"""`evaluate` metrics shipped in lisa_peft.evaluation.metrics, loaded from their local folders (no Hub)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from peft import get_peft_model
 
 from lisa_peft import LisaConfig
-from lisa_peft.metrics import METRICS, metric_path
+from lisa_peft.evaluation.metrics import METRICS, metric_path
 from lisa_peft.tuners.lisa.layer import LisaAttention
 from tests.helpers.tiny_assets import char_tokenizer
 from tests.helpers.tiny_models import tiny_llama

@@ -7,7 +7,7 @@ import torch
 from peft import get_peft_model
 
 from lisa_peft import LisaAttention, LisaConfig
-from lisa_peft.memory import lisa_parameter_count
+from lisa_peft.evaluation.memory import lisa_parameter_count
 from tests.helpers.tiny_models import tiny_llama
 
 

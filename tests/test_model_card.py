@@ -9,11 +9,12 @@ import torch
 from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from lisa_peft import LisaConfig, model_card
-from lisa_peft.hub.hooks import install_hub_hooks
-from lisa_peft.memory import kv_cache_bytes, lisa_parameter_count
-from lisa_peft.model_card import MODEL_CARD_MARKER, REPO_ID_PLACEHOLDER, render_model_card
-from lisa_peft.registration import register_lisa
+from lisa_peft import LisaConfig
+from lisa_peft.evaluation.memory import kv_cache_bytes, lisa_parameter_count
+from lisa_peft.integrations.hub import model_card
+from lisa_peft.integrations.hub.hooks import install_hub_hooks
+from lisa_peft.integrations.hub.model_card import MODEL_CARD_MARKER, REPO_ID_PLACEHOLDER, render_model_card
+from lisa_peft.integrations.registration import register_lisa
 from tests.helpers.tiny_models import tiny_llama, tiny_llama_config
 
 EVAL = {"perplexity": {"value": 31.2, "dataset": "tinyshakespeare (held-out 10%)"}}

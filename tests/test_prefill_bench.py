@@ -31,7 +31,7 @@ def test_variants_set_the_chunk_size_and_the_rank(tiny_path):
 def test_base_growing_control_stores_every_layer_growing_and_generates_the_same_tokens(tiny_path):
     import torch
 
-    from lisa_peft.growing_cache import GrowingLayer
+    from lisa_peft.tuners.lisa.growing_cache import GrowingLayer
 
     model = build_model("base-growing", [3], tiny_path)
     ids = torch.randint(3, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))

@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from lisa_peft.recipe import load_recipe, run_recipe
-from lisa_peft.training import distillation_kl
+from lisa_peft.pipeline.recipe import load_recipe, run_recipe
+from lisa_peft.pipeline.training import distillation_kl
 from tests.helpers.tiny_assets import sample_text, save_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,9 +112,9 @@ def test_a_converted_adapter_of_other_settings_is_never_reused_silently(tiny_set
 def test_a_stale_converted_adapter_is_refused_before_the_model_loads_and_without_a_traceback(
     tiny_setup, tmp_path, monkeypatch, capsys
 ):
-    import lisa_peft.base_models
+    import lisa_peft.pipeline.base_models
     from lisa_peft.cli import main
-    from lisa_peft.recipe import CONVERSION_SETTINGS_FILE, RecipeError, conversion_settings
+    from lisa_peft.pipeline.recipe import CONVERSION_SETTINGS_FILE, RecipeError, conversion_settings
 
     out = tmp_path / "o"
     (out / "lisa_init").mkdir(parents=True)
@@ -122,7 +122,7 @@ def test_a_stale_converted_adapter_is_refused_before_the_model_loads_and_without
     recipe = {**tiny_setup["recipe"], "training": {**tiny_setup["recipe"]["training"], "output_dir": str(out)}}
     old = conversion_settings({**recipe, "lisa": {**recipe["lisa"], "r": 2}})
     (out / "lisa_init" / CONVERSION_SETTINGS_FILE).write_text(json.dumps(old))
-    monkeypatch.setattr(lisa_peft.base_models, "load_base_model",
+    monkeypatch.setattr(lisa_peft.pipeline.base_models, "load_base_model",
                         lambda *a, **k: pytest.fail("loaded the model before refusing the stale adapter"))
     with pytest.raises(RecipeError, match="converted with other settings"):
         run_recipe(recipe, progress=False)
@@ -175,7 +175,7 @@ def test_two_process_ddp_run_with_accelerate(tiny_setup, tmp_path):
 
 
 def test_held_out_text_from_the_training_source_is_labelled_in_domain(tmp_path):
-    from lisa_peft.recipe import _same_source
+    from lisa_peft.pipeline.recipe import _same_source
 
     text = tmp_path / "a.txt"
     text.write_text("x")

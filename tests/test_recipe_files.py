@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from lisa_peft.cli import main
-from lisa_peft.recipe_files import (
+from lisa_peft.pipeline.recipe_files import (
     RecipeNotFoundError,
     accelerate_config,
     bundled_recipes,

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from lisa_peft import cli
-from lisa_peft.recipe import RecipeError, calibration_keys, load_recipe, run_recipe
+from lisa_peft.pipeline.recipe import RecipeError, calibration_keys, load_recipe, run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_RECIPES = {"llama2_7b.yaml", "llama2_13b.yaml", "llama3_8b.yaml"}
@@ -220,9 +220,9 @@ def no_model_work(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("model work started before the recipe was validated")
 
-    monkeypatch.setattr(importlib.import_module("lisa_peft.base_models"), "load_base_model", refuse)
+    monkeypatch.setattr(importlib.import_module("lisa_peft.pipeline.base_models"), "load_base_model", refuse)
     monkeypatch.setattr(importlib.import_module("lisa_peft.convert"), "convert", refuse)
-    monkeypatch.setattr("lisa_peft.recipe.prepare_data", refuse)
+    monkeypatch.setattr("lisa_peft.pipeline.recipe.prepare_data", refuse)
 
 
 @pytest.mark.parametrize("change", [{"training.max_stpes": 10}, {"lisa.target_fraction": "half"},
@@ -257,7 +257,7 @@ def test_calibration_keys_are_convert_keyword_arguments():
     """`calibration:` takes what convert() takes (the schema is its signature), and `texts`."""
     import inspect
 
-    from lisa_peft.convert import convert
+    from lisa_peft.pipeline.convert import convert
 
     keys = set(calibration_keys())
     params = {n for n, p in inspect.signature(convert).parameters.items() if p.kind is p.KEYWORD_ONLY}

@@ -10,8 +10,8 @@ import torch
 from peft import get_peft_model
 
 from lisa_peft import LisaConfig
-from lisa_peft.transformers_compat import output_cache
 from lisa_peft.tuners.lisa import functional as LF
+from lisa_peft.tuners.lisa.transformers_compat import output_cache
 from tests.helpers.tiny_models import VOCAB, tiny_llama
 
 

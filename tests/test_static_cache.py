@@ -16,7 +16,7 @@ from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from lisa_peft import LisaConfig
-from lisa_peft.transformers_compat import cache_kwargs, output_cache, update_cache
+from lisa_peft.tuners.lisa.transformers_compat import cache_kwargs, output_cache, update_cache
 from tests.helpers.tiny_models import tiny_llama
 
 LAYERS = [2, 3, 5]

@@ -129,7 +129,7 @@ def test_trainer_checkpoint_resumes_to_the_same_weights(tmp_path):
 def test_time_budget_callback_anneals_the_rate_over_the_budget_and_stops_at_its_end(monkeypatch):
     import types
 
-    import lisa_peft.training as training_module
+    import lisa_peft.pipeline.training as training_module
 
     clock = {"now": 100.0}
     monkeypatch.setattr(training_module.time, "monotonic", lambda: clock["now"])

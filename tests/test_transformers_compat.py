@@ -9,8 +9,8 @@ from packaging.version import Version
 from peft import get_peft_model
 
 from lisa_peft import LisaConfig
-from lisa_peft import transformers_compat as compat
-from lisa_peft.generation_check import CachedGenerationMismatch, verify_cached_generation
+from lisa_peft.evaluation.generation_check import CachedGenerationMismatch, verify_cached_generation
+from lisa_peft.tuners.lisa import transformers_compat as compat
 from lisa_peft.tuners.lisa.layer import LisaAttention
 from tests.helpers.tiny_models import tiny_llama
 

@@ -4,6 +4,11 @@
 `PeftModel.from_pretrained`, `PeftConfig.from_pretrained` and `AutoPeftModelForCausalLM` handle
 LiSA adapters.
 
+The package, by layer: `tuners.lisa` (the method: config, layer, model, as PEFT's tuners),
+`integrations` (PEFT registration, transformers compatibility, Hub, loading guards), `compact`
+(the model `merge_and_unload()` returns), `pipeline` (conversion, training, recipes), `evaluation`
+(fidelity, zero-shot, memory), `commands` (the `lisa-peft` CLI).
+
 Example (tiny random model; the same code runs on any LLaMA checkpoint):
 
 >>> import torch, transformers
@@ -20,17 +25,27 @@ Example (tiny random model; the same code runs on any LLaMA checkpoint):
 torch.Size([1, 4, 128])
 """
 
-from . import compact, transformers_compat  # noqa: F401  (compact registers merge_and_unload's builder)
-from .convert import convert
-from .hub import from_pretrained, install_hub_hooks, push_adapter
-from .loading import install_loading_guards
-from .mixed import install_mixed_model_guard
-from .models.lisa_llama import LisaLlamaConfig, LisaLlamaForCausalLM, register_lisa_llama
-from .registration import register_lisa
-from .task_types import install_task_type_guard
-from .tuners.lisa import LisaAttention, LisaConfig, LisaModel
+import sys as _sys
+
+from . import _moved
+from .compact import merge as _merge  # noqa: F401  (registers merge_and_unload's builder)
+from .compact.lisa_llama import LisaLlamaConfig, LisaLlamaForCausalLM, register_lisa_llama
+from .integrations.hub import from_pretrained, install_hub_hooks, push_adapter
+from .integrations.loading import install_compact_class_guard, install_loading_guards
+from .integrations.mixed import install_mixed_model_guard
+from .integrations.registration import register_lisa
+from .integrations.task_types import install_task_type_guard
+from .pipeline import convert as _convert_module
+from .pipeline.convert import convert
+from .tuners.lisa import LisaAttention, LisaConfig, LisaModel, transformers_compat
+from .tuners.lisa.chunked import set_prefill_chunk_size
+from .tuners.lisa.model import set_kernel_mode
 from .version import __version__
 
+_moved.install()
+# The old module name `lisa_peft.convert` is registered here, not through the import hook: importing it later
+# would set the attribute `lisa_peft.convert` to the module and hide the function of the same name.
+_sys.modules.setdefault(f"{__name__}.convert", _convert_module)
 transformers_compat.check_transformers_version()
 register_lisa()
 install_hub_hooks()
@@ -38,6 +53,7 @@ install_loading_guards()
 install_mixed_model_guard()
 install_task_type_guard()
 register_lisa_llama()
+install_compact_class_guard()
 
 __all__ = [
     "LisaAttention",
@@ -49,4 +65,6 @@ __all__ = [
     "convert",
     "from_pretrained",
     "push_adapter",
+    "set_kernel_mode",
+    "set_prefill_chunk_size",
 ]

@@ -28,11 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors that describe a user's fixable mistake: printed as one message, without a traceback."""
     from .extras import MissingExtraError
-    from .recipe_files import RecipeNotFoundError
+    from .pipeline.recipe_files import RecipeNotFoundError
 
-    # A RecipeError (a wrong key, type or value in a recipe) can only come from an imported lisa_peft.recipe;
+    # A RecipeError (a wrong key, type or value in a recipe) can only come from an imported lisa_peft.pipeline.recipe;
     # looking it up there keeps torch and transformers out of the handling of every other error.
-    recipe = sys.modules.get("lisa_peft.recipe")
+    recipe = sys.modules.get("lisa_peft.pipeline.recipe")
     return (MissingExtraError, RecipeNotFoundError) + ((recipe.RecipeError,) if recipe is not None else ())
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lisa_peft.base_models import DEMO_MODEL, BaseModelUnavailableError
+from lisa_peft.pipeline.base_models import DEMO_MODEL, BaseModelUnavailableError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -42,8 +42,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lisa_peft.analysis import analyze
-    from lisa_peft.convert import lisa_sensitivity
+    from lisa_peft.evaluation.analysis import analyze
+    from lisa_peft.pipeline.convert import lisa_sensitivity
 
     try:
         result = analyze(

@@ -26,7 +26,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..demo import run_demo, summary_table
+    from ..pipeline.demo import run_demo, summary_table
 
     summary = run_demo(args.recipe, args.overrides, push_to=args.push_to, progress=not args.quiet)
     print()

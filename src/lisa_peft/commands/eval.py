@@ -1,6 +1,6 @@
 """`lisa-peft eval --base BASE --adapter ADAPTER --tasks T1,T2`: lm-evaluation-harness on a LiSA model.
 
-Runs `lm_eval.simple_evaluate` in this process with the ``hf-lisa`` model (`lisa_peft.lm_eval_model`),
+Runs `lm_eval.simple_evaluate` in this process with the ``hf-lisa`` model (`lisa_peft.evaluation.lm_eval_model`),
 so `lisa_peft` is imported and the LiSA adapter loads through PEFT. Prints lm_eval's results table and
 optionally writes the full results as JSON.
 """
@@ -78,7 +78,7 @@ def evaluate_adapter(
     import torch
     from lm_eval.tasks import TaskManager
 
-    import lisa_peft.lm_eval_model  # noqa: F401  (registers the "hf-lisa" model)
+    import lisa_peft.evaluation.lm_eval_model  # noqa: F401  (registers the "hf-lisa" model)
 
     if include_path is None and not builtin_tasks:
         raise ValueError("--no-builtin-tasks needs --include-path (there would be no tasks at all).")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lisa_peft.base_models import DEMO_MODEL, BaseModelUnavailableError, resolve_base_model
+from lisa_peft.pipeline.base_models import DEMO_MODEL, BaseModelUnavailableError, resolve_base_model
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -31,7 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from huggingface_hub.errors import HfHubHTTPError
 
-    from lisa_peft.hub import LisaAdapterError, push_adapter
+    from lisa_peft.integrations.hub import LisaAdapterError, push_adapter
 
     try:
         url = push_adapter(

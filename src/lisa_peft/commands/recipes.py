@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lisa_peft.recipe_files import (
+from lisa_peft.pipeline.recipe_files import (
     RecipeNotFoundError,
     accelerate_config,
     bundled_recipes,

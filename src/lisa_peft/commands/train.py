@@ -30,8 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..recipe import load_recipe, run_recipe
-    from ..recipe_files import resolve_recipe
+    from ..pipeline.recipe import load_recipe, run_recipe
+    from ..pipeline.recipe_files import resolve_recipe
 
     recipe = load_recipe(resolve_recipe(args.recipe), args.overrides)
     summary = run_recipe(recipe, progress=not args.quiet, resume=not args.no_resume)

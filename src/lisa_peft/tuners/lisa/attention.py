@@ -1,7 +1,7 @@
 """Forward computation of anchor and LiSA attention, shared by the adapter form and the compact model.
 
 `LisaAttention` (the PEFT tuner layer, `layer.py`) and the compact model's attention modules
-(`lisa_peft.models.lisa_llama`) both describe one layer as an `AnchorWeights` or `LisaWeights` view of
+(`lisa_peft.compact.lisa_llama`) both describe one layer as an `AnchorWeights` or `LisaWeights` view of
 their own modules and call the functions here. The two forms therefore run the same operations in the
 same order, with the same kernel dispatch (`dispatch.py`), and give the same numbers.
 
@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ... import transformers_compat as compat
 from . import decode_step
 from . import functional as LF
+from . import transformers_compat as compat
 from .dispatch import anchor_kernel, kernel_plan, lisa_kernel
 from .state import LisaForwardState
 

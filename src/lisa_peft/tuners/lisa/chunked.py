@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ... import transformers_compat as compat
+from . import transformers_compat as compat
 from .state import LisaForwardState, LogitBuffers
 
 # Stack-forward arguments that chunking slices or passes on; a call with any other non-None one runs in one pass.

@@ -82,14 +82,14 @@ class LisaConfig(PeftConfig):
         base_model_shape: Resolved at injection: the attention shape of the base model the adapter
             was made for (`num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`,
             `head_dim`, `hidden_size`). Loading onto a base of another shape fails with a clear error
-            (`LisaModel._prepare_adapter_config`, `lisa_peft.hub.check_adapter_compatible`).
+            (`LisaModel._prepare_adapter_config`, `lisa_peft.integrations.hub.check_adapter_compatible`).
             Adapters saved before this field existed load without the check.
         layer_scores: Written by `lisa_peft.convert`: per-layer sensitivity numbers that decided
             `lisa_layers="auto"` (and calibration statistics).
         task_type: PEFT's task type, which picks the `PeftModel` class. `None` (also in configs saved before
             this default existed) becomes `"CAUSAL_LM"`: `PeftModel.from_pretrained` returns a
             `PeftModelForCausalLM`, as for a LoRA causal-LM adapter. Other models need their own task type
-            (`lisa_peft.task_types`): `"SEQ_CLS"` (`LlamaForSequenceClassification`), `"TOKEN_CLS"`
+            (`lisa_peft.integrations.task_types`): `"SEQ_CLS"` (`LlamaForSequenceClassification`), `"TOKEN_CLS"`
             (`LlamaForTokenClassification`), `"QUESTION_ANS"` (`LlamaForQuestionAnswering`),
             `"FEATURE_EXTRACTION"` (a bare `LlamaModel`); the default on such a model is a `ValueError` naming it.
         modules_to_save: Modules (by name) trained in full and saved with the adapter, as in LoRA. The

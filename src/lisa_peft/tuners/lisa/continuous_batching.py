@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from ... import transformers_compat as compat
+from . import transformers_compat as compat
 
 _ATTR = "init_continuous_batching"
 

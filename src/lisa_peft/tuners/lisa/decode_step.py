@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from ... import transformers_compat as compat
 from . import functional as LF
+from . import transformers_compat as compat
 from .state import LisaForwardState
 
 

@@ -22,9 +22,9 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ... import transformers_compat as compat
 from . import attention as LA
 from . import functional as LF
+from . import transformers_compat as compat
 from .state import LisaForwardState
 
 ROLE_LISA = "lisa"

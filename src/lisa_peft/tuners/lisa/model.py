@@ -12,8 +12,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ... import transformers_compat as compat
 from . import chunked, continuous_batching
+from . import transformers_compat as compat
 from .checkpoint import check_lisa_state_dict
 from .config import KERNEL_MODES, LisaConfig, base_model_shape, base_shape_mismatch
 from .layer import _MERGE_ERROR, ROLE_ANCHOR, ROLE_LISA, LisaAttention, set_adapter_setting

@@ -7,7 +7,7 @@ a member. After that `PeftType("LISA")`, `PeftType.LISA` and every PEFT lookup k
 Idempotent; if a future PEFT release adds `LISA` itself, its member is used as is.
 
 This lives in the tuner package because `LisaConfig` needs the member; registering the method with
-PEFT's mappings (`lisa_peft.registration`) sits above the tuner.
+PEFT's mappings (`lisa_peft.integrations.registration`) sits above the tuner.
 """
 
 from __future__ import annotations

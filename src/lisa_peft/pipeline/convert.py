@@ -1,0 +1,279 @@
+"""`lisa_peft.convert`: base model + calibration text -> calibrated LiSA `PeftModel`.
+
+Steps (each optional part controlled by the config / arguments):
+1. tokenize calibration text into `num_sequences` windows of `seq_len` tokens;
+2. capture every layer's attention input from the frozen base model (teacher forcing);
+3. `lisa_layers="auto"`: score every candidate layer by the LM-loss increase on the calibration
+   windows when it alone is a calibrated-at-init LiSA layer, and keep the `target_fraction`
+   least sensitive (the attention KL is recorded too);
+4. `init_lisa_weights="calibrate"`: rotary planes by partial-score energy, FFN by least squares;
+5. layer-wise stage: per LiSA layer, in order, Adam on attention KL; the previous logits are
+   the base ones for the first layer of a run and the *fitted* LiSA logits inside a run.
+The resolved layers, the sensitivity scores and the KL before/after every stage are written to
+`config.layer_scores`, so they are saved in `adapter_config.json`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from peft import PeftModel, get_peft_model
+from tqdm.auto import tqdm
+
+from ..tuners.lisa import LisaConfig
+from ..tuners.lisa.layer import ROLE_ANCHOR, ROLE_LISA, LisaAttention
+from ..tuners.lisa.model import add_forward_state, backbone, default_rank
+from . import calibration as C
+from .data import chunk_token_windows, load_texts
+from .training import TeacherTopK, teacher_topk, topk_distillation_kl
+
+logger = logging.getLogger(__name__)
+SELECT_LAYERS_BY = ("loss", "output_kl")  # what `lisa_layers="auto"` ranks the candidate layers by
+
+
+def _resolve_shape_defaults(config: LisaConfig, model_config) -> LisaConfig:
+    resolved = copy.deepcopy(config)
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    resolved.r = resolved.r or default_rank(head_dim)
+    resolved.ffn_hidden = resolved.ffn_hidden or 2 * model_config.num_attention_heads
+    return resolved
+
+
+def _probe_layer(base_attn, layer_idx: int, config: LisaConfig, planes: torch.Tensor) -> LisaAttention:
+    """A stand-alone LisaAttention around `base_attn` (the model itself is not modified)."""
+    probe = LisaAttention(base_attn, layer_idx)
+    probe.update_layer("probe", ROLE_LISA, config, planes)
+    return probe
+
+
+def lm_loss(model, input_ids: torch.Tensor, batch_size: int = 4) -> float:
+    """Mean next-token cross-entropy of `model` on token windows [N, T]."""
+    return _loss_and_output_kl(model, input_ids, None, batch_size)[0]
+
+
+@contextmanager
+def _single_lisa_layer(model, idx: int, probe: LisaAttention, config: LisaConfig) -> Iterator[None]:
+    """Temporarily run `model` with layer idx replaced by `probe` (adapter "probe") and its anchor."""
+    layers = C.decoder_layers(model)
+    original_prev, original = layers[idx - 1].self_attn, layers[idx].self_attn
+    anchor = LisaAttention(C.base_attention(layers[idx - 1]), idx - 1)
+    anchor.update_layer("probe", ROLE_ANCHOR, config)
+    for module in (anchor, probe):
+        module.set_adapter("probe", inference_mode=True)
+    layers[idx - 1].self_attn, layers[idx].self_attn = anchor, probe
+    hook = backbone(model).register_forward_pre_hook(add_forward_state, with_kwargs=True)
+    try:
+        yield
+    finally:
+        hook.remove()
+        layers[idx - 1].self_attn, layers[idx].self_attn = original_prev, original
+
+
+@torch.no_grad()
+def _loss_and_output_kl(
+    model, input_ids: torch.Tensor, teacher: TeacherTopK | None, batch_size: int = 4
+) -> tuple[float, float]:
+    """Mean next-token cross-entropy of `model` on windows [N, T] and its top-k KL(teacher || model)
+    (NaN without a teacher)."""
+    device = next(model.parameters()).device
+    loss = kl = 0.0
+    for start in range(0, input_ids.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        batch = input_ids[sl].to(device)
+        out = model(batch, labels=batch, use_cache=False)
+        n = batch.shape[0]
+        loss += out.loss.item() * n
+        if teacher is not None:
+            logprobs, ids = teacher.logprobs[sl].to(device), teacher.ids[sl].to(device)
+            kl += topk_distillation_kl(out.logits, logprobs, ids).item() * n
+    n_total = input_ids.shape[0]
+    return loss / n_total, (kl / n_total if teacher is not None else math.nan)
+
+
+@torch.no_grad()
+def layer_sensitivity(
+    model,
+    inputs: C.AttentionInputs,
+    input_ids: torch.Tensor,
+    config: LisaConfig,
+    progress: bool = True,
+    fit_steps: int = 0,
+    fit_lr: float = 3e-3,
+) -> dict[str, dict[int, float]]:
+    """Per candidate layer, made LiSA alone (calibrated init, then `fit_steps` layer-wise steps):
+
+    * "loss": increase of the LM loss on the probe windows input_ids [N, T];
+    * "output_kl": KL(base || model) of the next-token distributions on those windows (top-64);
+    * "kl": attention KL to the base layer with the true previous logits (diagnostic).
+    Shallow layers can have a small attention KL and still a large effect on the output, hence the
+    decision is taken on the model's output ("loss" or "output_kl", see `convert`).
+    The layer-wise fit uses the calibration windows of `inputs` (all of them, not only the probe's).
+    """
+    layers = C.decoder_layers(model)
+    resolved = _resolve_shape_defaults(config, model.config)
+    resolved.init_lisa_weights = "identity"
+    teacher = teacher_topk(model, input_ids)
+    base_loss, _ = _loss_and_output_kl(model, input_ids, teacher)
+    scores: dict[str, dict[int, float]] = {"loss": {}, "output_kl": {}, "kl": {}}
+    candidates = range(config.min_full_layers, len(layers))
+    for idx in tqdm(candidates, desc="layer sensitivity", disable=not progress):
+        attn = C.base_attention(layers[idx])
+        rope = inputs.position_embeddings
+        planes = C.activation_planes(attn, inputs, idx, resolved.r // 2)
+        probe = _probe_layer(attn, idx, resolved, planes)
+        prev = C.base_logits(C.base_attention(layers[idx - 1]), inputs.hidden[idx - 1], rope)
+        target = C.base_logits(attn, inputs.hidden[idx], rope)
+        C.fit_head_ffn(probe, "probe", prev, target, inputs.hidden[idx], rope)
+        if fit_steps > 0:
+            with torch.enable_grad():
+                C.fit_layer(probe, "probe", inputs.hidden[idx], rope, prev, target, steps=fit_steps, lr=fit_lr)
+        scores["kl"][idx] = C.evaluate_layer_kl(probe, "probe", inputs.hidden[idx], rope, prev, target)
+        with _single_lisa_layer(model, idx, probe, resolved):
+            loss, kl = _loss_and_output_kl(model, input_ids, teacher)
+        scores["loss"][idx] = loss - base_loss
+        scores["output_kl"][idx] = kl
+    return scores
+
+
+def lisa_sensitivity(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     min_full_layers: int = 2, progress: bool = True) -> list[float | None]:
+    """Per layer: LM-loss increase (nats/token) when that layer alone is a calibrated LiSA layer.
+
+    input_ids [N, T] (unpadded windows). None for the first `min_full_layers` layers, which stay
+    full. The `sensitivity_fn` of `lisa_peft.evaluation.analysis.analyze` (`lisa-peft analyze --sensitivity`).
+    """
+    inputs = C.capture_attention_inputs(model, input_ids, progress=progress)
+    config = LisaConfig(lisa_layers="auto", target_fraction=0.5, min_full_layers=min_full_layers)
+    scores = layer_sensitivity(model, inputs, input_ids, config, progress=progress)["loss"]
+    return [scores.get(i) for i in range(model.config.num_hidden_layers)]
+
+
+lisa_sensitivity.unit = "LM-loss increase as the only LiSA layer (nats)"
+
+
+def choose_layers(scores: dict[int, float], num_layers: int, fraction: float) -> list[int]:
+    """The round(fraction * num_layers) layers with the lowest scores, sorted."""
+    k = max(1, min(len(scores), round(fraction * num_layers)))
+    return sorted(sorted(scores, key=scores.__getitem__)[:k])
+
+
+def convert(
+    model,
+    tokenizer,
+    config: LisaConfig,
+    calibration_texts: list[str] | None = None,
+    *,
+    num_sequences: int = 16,
+    seq_len: int = 256,
+    layerwise_steps: int = 200,
+    layerwise_lr: float = 2e-3,
+    batch_size: int = 4,
+    adapter_name: str = "default",
+    progress: bool = True,
+    stage_callback: Callable[[str, PeftModel], Any] | None = None,
+    calibration_ids: torch.Tensor | None = None,
+    sensitivity_sequences: int = 16,
+    sensitivity_fit_steps: int = 100,
+    select_layers_by: str = "loss",
+) -> PeftModel:
+    """Turn a pre-trained LLaMA model into a calibrated LiSA `PeftModel`.
+
+    model: a transformers LLaMA causal LM (not yet PEFT-wrapped); tokenizer: its tokenizer.
+    calibration_texts: text sources for `lisa_peft.pipeline.data.load_texts` (local .txt paths or
+    `hf:NAME[:CONFIG][:SPLIT]`); `None` = the embedded default corpus. Returns the PeftModel; the
+    decisions and their numbers are in `model.peft_config[adapter_name].layer_scores`.
+    stage_callback(stage, peft_model) runs after the calibrated init ("init") and after the
+    layer-wise stage ("layerwise"); what it returns (e.g. a perplexity) is recorded under
+    `layer_scores["stages"]`. calibration_ids: token windows [N, T] to use instead of
+    tokenizing `calibration_texts` (then `tokenizer` may be None). sensitivity_sequences: how
+    many calibration windows the per-layer loss probe of `lisa_layers="auto"` runs on.
+    """
+    if select_layers_by not in SELECT_LAYERS_BY:
+        raise ValueError(f"select_layers_by={select_layers_by!r}: choose {' or '.join(map(repr, SELECT_LAYERS_BY))}.")
+    config = copy.deepcopy(config)
+    if calibration_ids is not None:
+        input_ids = calibration_ids
+        seq_len = input_ids.shape[1]
+    else:
+        input_ids = chunk_token_windows(tokenizer, load_texts(calibration_texts), num_sequences, seq_len)
+    inputs = C.capture_attention_inputs(model, input_ids, batch_size=batch_size, progress=progress)
+    layers = C.decoder_layers(model)
+    num_layers = len(layers)
+    scores_record: dict = {"calibration": {"num_sequences": int(input_ids.shape[0]), "seq_len": int(seq_len)}}
+
+    if config.lisa_layers == "auto":
+        probe_ids = input_ids[: max(1, sensitivity_sequences)]  # the loss probe runs the whole model per layer
+        sensitivity = layer_sensitivity(model, inputs, probe_ids, config, progress=progress,
+                                        fit_steps=sensitivity_fit_steps, fit_lr=layerwise_lr)
+        config.lisa_layers = choose_layers(sensitivity[select_layers_by], num_layers, config.target_fraction)
+        for kind, values in sensitivity.items():
+            scores_record[f"sensitivity_{kind}"] = {str(k): float(f"{v:.6g}") for k, v in values.items()}
+        logger.info("lisa_layers='auto' chose %s", config.lisa_layers)
+
+    calibrate = config.init_lisa_weights == "calibrate"
+    if calibrate:
+        resolved = _resolve_shape_defaults(config, model.config)
+        config.rotary_planes = dict(config.rotary_planes or {})
+        for idx in config.lisa_layers:
+            attn = C.base_attention(layers[idx])
+            config.rotary_planes[str(idx)] = C.activation_planes(attn, inputs, idx, resolved.r // 2).tolist()
+
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    config = peft_model.peft_config[adapter_name]
+    rope = inputs.position_embeddings
+    wrapped = C.decoder_layers(peft_model)
+    base_logits_cache: dict[int, torch.Tensor] = {}
+
+    def base_logits(idx: int) -> torch.Tensor:
+        if idx not in base_logits_cache:
+            for old in [k for k in base_logits_cache if k < idx - 1]:  # layers are visited in order:
+                del base_logits_cache[old]  # keep only [N, H, T, T] of idx - 1 and idx
+            base_logits_cache[idx] = C.base_logits(C.base_attention(wrapped[idx]), inputs.hidden[idx], rope)
+        return base_logits_cache[idx]
+
+    if calibrate:
+        for idx in tqdm(config.lisa_layers, desc="calibrated init", disable=not progress):
+            layer = wrapped[idx].self_attn
+            C.fit_head_ffn(layer, adapter_name, base_logits(idx - 1), base_logits(idx), inputs.hidden[idx], rope)
+    if stage_callback is not None:
+        scores_record["stages"] = {"init": stage_callback("init", peft_model)}
+
+    per_layer: dict[str, dict[str, float]] = {}
+    fitted_prev: dict[int, torch.Tensor] = {}
+    bar = tqdm(config.lisa_layers, desc="layer-wise stage", disable=not progress or layerwise_steps <= 0)
+    for idx in bar:
+        layer = wrapped[idx].self_attn
+        prev = fitted_prev.pop(idx - 1, None)
+        prev = base_logits(idx - 1) if prev is None else prev
+        target = base_logits(idx)
+        hidden = inputs.hidden[idx]
+        record = {"kl_init": C.evaluate_layer_kl(layer, adapter_name, hidden, rope, prev, target)}
+        if layerwise_steps > 0:
+            def show(step: int, loss: float, _idx=idx) -> None:
+                if step % 20 == 0:
+                    bar.set_postfix(layer=_idx, step=step, kl=f"{loss:.3f}")
+
+            C.fit_layer(
+                layer, adapter_name, hidden, rope, prev, target,
+                steps=layerwise_steps, lr=layerwise_lr, batch_size=batch_size, progress=show,
+            )
+            record["kl_layerwise"] = C.evaluate_layer_kl(layer, adapter_name, hidden, rope, prev, target)
+        if idx + 1 in config.lisa_layers:  # the next LiSA layer reads this layer's (fitted) logits
+            with torch.no_grad():
+                fitted_prev[idx] = torch.cat([
+                    C.lisa_layer_logits(layer, adapter_name, hidden[s : s + batch_size], rope, prev[s : s + batch_size])
+                    for s in range(0, prev.shape[0], batch_size)
+                ])
+        per_layer[str(idx)] = {k: round(v, 5) for k, v in record.items() if math.isfinite(v)}
+    if stage_callback is not None and layerwise_steps > 0:
+        scores_record.setdefault("stages", {})["layerwise"] = stage_callback("layerwise", peft_model)
+    scores_record["layers"] = per_layer
+    scores_record["layerwise_steps"] = layerwise_steps
+    config.layer_scores = scores_record
+    return peft_model
