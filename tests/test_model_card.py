@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from lisa_peft import LisaConfig
-from lisa_peft.evaluation.memory import kv_cache_bytes, lisa_parameter_count
+from lisa_peft.evaluation.memory import kv_cache_bytes, lisa_parameter_count, llama_parameter_count
 from lisa_peft.integrations.hub import model_card
 from lisa_peft.integrations.hub.hooks import install_hub_hooks
 from lisa_peft.integrations.hub.model_card import MODEL_CARD_MARKER, REPO_ID_PLACEHOLDER, render_model_card
@@ -85,7 +85,7 @@ def test_untied_and_tied_parameter_count():
     for tied in (False, True):
         cfg = tiny_llama_config(tie_word_embeddings=tied)
         real = sum(p.numel() for p in tiny_llama(2, tie_word_embeddings=tied).parameters())
-        assert model_card._llama_parameter_count(cfg) == real
+        assert llama_parameter_count(cfg) == real
 
 
 def test_card_text_comes_from_the_template_file(tmp_path, monkeypatch):

@@ -82,7 +82,12 @@ def test_run_recipe_end_to_end_and_resume(tiny_setup):
     assert config["lisa_layers"] == saved["lisa_layers"] and "sensitivity_loss" in config["layer_scores"]
     recorded = config["layer_scores"]["fidelity"]
     assert recorded["ppl_ratio"] == round(saved["ppl_ratio_trained"], 4) and recorded["in_domain"]
+    point = saved["operating_point"]  # what the adapter trades, in the summary and on the card
+    assert point["lisa_layers"] == 3 and point["fraction"] == round(3 / point["num_layers"], 4)
+    assert point["qk_compression"] > 1 and 0 < point["kv_cache_saving"] < 1
+    assert point["fidelity"]["ppl_ratio"] == recorded["ppl_ratio"]
     card = (out / "adapter" / "README.md").read_text()
+    assert f"**Operating point:** 3 of {point['num_layers']} layers LiSA" in card
     assert "KL(base ‖ LiSA)" in card and "measure domain\nadaptation" in card and str(recorded["kl"]) in card
     # a second run reuses the converted adapter and resumes from the last checkpoint (step 6 = done)
     again = run_recipe({**tiny_setup["recipe"], "training": {**tiny_setup["recipe"]["training"], "max_steps": 8}},

@@ -101,7 +101,7 @@ def test_an_unknown_key_without_a_close_one_lists_the_valid_keys(tmp_path):
         ("data.seq_len", [256], "expected an integer, got [256]"),
         ("data.train", 3, "expected a string or a list of strings, got 3"),
         ("calibration.num_sequences", 4.5, "expected an integer, got 4.5"),
-        ("lisa.r", "big", "expected an integer or null, got 'big'"),
+        ("lisa.r", "big", "expected an integer or a mapping or null, got 'big'"),
         ("zero_shot.required", "yes please", "expected true or false, got 'yes please'"),
     ],
 )

@@ -1,4 +1,5 @@
-"""`lisa-peft analyze [MODEL]`: adjacent-layer attention similarity of a base model (JSON + PNG)."""
+"""`lisa-peft analyze [MODEL]`: adjacent-layer attention similarity of a base model (JSON + PNG);
+`lisa-peft analyze --adapter ADAPTER`: what a LiSA adapter trades (its operating point, JSON + one line)."""
 
 from __future__ import annotations
 
@@ -35,14 +36,51 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="also measure per-layer LiSA sensitivity: the LM-loss increase when each layer alone is a "
         "calibrated LiSA layer (what lisa_layers='auto' ranks by; one model forward per layer)",
     )
+    parser.add_argument(
+        "--adapter", default=None, metavar="ADAPTER",
+        help="instead of measuring MODEL: state what this LiSA adapter (folder or Hub id) trades: fraction of "
+        "layers, Q/K compression, KV-cache and parameter bytes saved, recorded fidelity (writes "
+        "operating_point.json into --out; reads configs only, no weights). MODEL defaults to the adapter's base",
+    )
     parser.add_argument("--no-plot", action="store_true",
                         help="write only similarity.json (the figure needs: pip install 'lisa-peft[plot]')")
     parser.set_defaults(func=run)
     return parser
 
 
+def run_operating_point(args: argparse.Namespace) -> int:
+    import json
+
+    from transformers import AutoConfig
+
+    from lisa_peft import LisaConfig
+    from lisa_peft.evaluation.operating_point import operating_point
+    from lisa_peft.pipeline.base_models import resolve_base_model
+
+    try:
+        config = LisaConfig.from_pretrained(args.adapter)
+        if not isinstance(config.lisa_layers, list):
+            raise ValueError(f"{args.adapter}: lisa_layers is {config.lisa_layers!r}, not a resolved list of layers.")
+        base = args.model or config.base_model_name_or_path
+        if not base:
+            raise ValueError(f"{args.adapter} does not name its base model: pass it as MODEL.")
+        point = operating_point(config, AutoConfig.from_pretrained(resolve_base_model(base)))
+    except (BaseModelUnavailableError, OSError, ValueError) as err:
+        print(f"lisa-peft analyze: {err}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "operating_point.json").write_text(json.dumps(point.as_dict(), indent=2) + "\n")
+    print(point.describe())
+    print(f"wrote {out / 'operating_point.json'}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from lisa_peft.evaluation.analysis import analyze
+
+    if args.adapter:
+        return run_operating_point(args)
     from lisa_peft.pipeline.convert import lisa_sensitivity
 
     try:

@@ -30,10 +30,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..evaluation.operating_point import model_operating_point
     from ..pipeline.recipe import load_recipe, run_recipe
     from ..pipeline.recipe_files import resolve_recipe
 
     recipe = load_recipe(resolve_recipe(args.recipe), args.overrides)
     summary = run_recipe(recipe, progress=not args.quiet, resume=not args.no_resume)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("model", "eval_windows", "tokenizer")}, indent=2))
+    print("operating point: " + model_operating_point(summary["model"]).describe())
     return 0

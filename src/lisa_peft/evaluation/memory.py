@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,10 +31,22 @@ def _attention_shape(model_config: Any) -> tuple[int, int, int, int]:
     return model_config.num_hidden_layers, heads, kv_heads, head_dim
 
 
+Ranks = int | Mapping[Any, int] | None  # one rank, or {layer (int or str): rank}; None = the default
+
+
+def _layer_ranks(ranks: Ranks, lisa_layers: list[int], head_dim: int) -> dict[int, int]:
+    """{LiSA layer: rank} from one rank, a per-layer mapping (layers it lacks get the default) or None."""
+    default = default_rank(head_dim)
+    if isinstance(ranks, Mapping):
+        per_layer = {int(k): v for k, v in ranks.items()}
+        return {i: per_layer.get(i, default) for i in set(lisa_layers)}
+    return {i: default if ranks is None else ranks for i in set(lisa_layers)}
+
+
 def kv_cache_bytes(
     model_config: Any,
     lisa_layers: list[int],
-    r: int | None = None,
+    r: Ranks = None,
     batch_size: int = 1,
     seq_len: int = 4096,
     dtype: torch.dtype = torch.float16,
@@ -43,17 +56,18 @@ def kv_cache_bytes(
 
     A full layer caches K and V, [B, G, N, D] each; a LiSA layer caches Kr [B, G, N, r] and
     V [B, G, N, D]. `keys_only=True` counts the key cache alone (where LiSA's saving lies).
+    `r`: one rank for every LiSA layer, or {layer: rank} (a `layer_ranks`); None = head_dim/6, even.
     `model_config` is a transformers config (or a `PeftModel`/model with `.config`).
     """
     model_config = getattr(model_config, "config", model_config)
     layers, _, kv_heads, head_dim = _attention_shape(model_config)
-    r = default_rank(head_dim) if r is None else r
+    ranks = _layer_ranks(r, lisa_layers, head_dim)
     elem = torch.empty((), dtype=dtype).element_size()
     per_token = batch_size * seq_len * kv_heads * elem
     value = 0 if keys_only else head_dim
     base = layers * per_token * (head_dim + value)
-    n_lisa = len(set(lisa_layers))
-    lisa = (layers - n_lisa) * per_token * (head_dim + value) + n_lisa * per_token * (r + value)
+    lisa = (layers - len(ranks)) * per_token * (head_dim + value) + sum(per_token * (rank + value)
+                                                                         for rank in ranks.values())
     return KVCacheBytes(base=base, lisa=lisa)
 
 
@@ -116,20 +130,42 @@ def model_kv_cache_bytes(
     config = model.peft_config[adapter_name]
     base_config = model.get_base_model().config
     dtype = dtype or _base_cache_dtype(model)
-    return kv_cache_bytes(base_config, config.lisa_layers, config.r, batch_size, seq_len, dtype)
+    return kv_cache_bytes(base_config, config.lisa_layers, config.ranks(), batch_size, seq_len, dtype)
 
 
-def lisa_parameter_count(model_config: Any, lisa_layers: list[int], r: int | None = None, ffn_hidden: int | None = None,
+def lisa_parameter_count(model_config: Any, lisa_layers: list[int], r: Ranks = None, ffn_hidden: int | None = None,
                          bias: bool = False) -> int:
-    """Number of LiSA weights: per LiSA layer Wq_r [H*r, d], Wk_r [G*r, d] and the head FFN (H->F->H)."""
+    """Number of LiSA weights: per LiSA layer Wq_r [H*r, d], Wk_r [G*r, d] and the head FFN (H->F->H).
+
+    `r`: one rank, or {layer: rank}; None = head_dim/6, even.
+    """
     model_config = getattr(model_config, "config", model_config)
     _, heads, kv_heads, head_dim = _attention_shape(model_config)
-    r = default_rank(head_dim) if r is None else r
+    ranks = _layer_ranks(r, lisa_layers, head_dim)
     hidden = 2 * heads if ffn_hidden is None else ffn_hidden
     d = model_config.hidden_size
-    proj = (heads + kv_heads) * r * (d + (1 if bias else 0))
     ffn = heads * hidden + hidden + hidden * heads + heads
-    return len(set(lisa_layers)) * (proj + ffn)
+    return sum((heads + kv_heads) * rank * (d + (1 if bias else 0)) + ffn for rank in ranks.values())
 
 
-__all__ = ["KVCacheBytes", "kv_cache_bytes", "lisa_parameter_count", "model_kv_cache_bytes", "stored_cache_bytes"]
+def llama_parameter_count(cfg: Any) -> int:
+    """Parameters of a LLaMA-architecture model from its config (embeddings, layers, norm, head)."""
+    d, vocab, inter = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or d // heads
+    attn_bias = bool(getattr(cfg, "attention_bias", False))
+    mlp_bias = bool(getattr(cfg, "mlp_bias", False))
+    attn = d * heads * head_dim + 2 * d * kv_heads * head_dim + heads * head_dim * d
+    if attn_bias:
+        attn += heads * head_dim + 2 * kv_heads * head_dim + d
+    mlp = 3 * d * inter + ((2 * inter + d) if mlp_bias else 0)
+    per_layer = attn + mlp + 2 * d
+    head = 0 if getattr(cfg, "tie_word_embeddings", False) else vocab * d
+    return vocab * d + cfg.num_hidden_layers * per_layer + d + head
+
+
+__all__ = [
+    "KVCacheBytes", "kv_cache_bytes", "lisa_parameter_count", "llama_parameter_count", "model_kv_cache_bytes",
+    "stored_cache_bytes",
+]

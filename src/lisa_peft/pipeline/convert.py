@@ -7,6 +7,8 @@ Steps (each optional part controlled by the config / arguments):
    windows when it alone is a calibrated-at-init LiSA layer, and keep the `target_fraction`
    least sensitive (the attention KL is recorded too);
 4. `init_lisa_weights="calibrate"`: rotary planes by partial-score energy, FFN by least squares;
+   `rank_allocation="sensitivity"`: the rank budget (r x LiSA layers) shared out by each layer's
+   output KL as the only LiSA layer (`allocate_ranks`), written to `layer_ranks`;
 5. layer-wise stage: per LiSA layer, in order, Adam on attention KL; the previous logits are
    the base ones for the first layer of a run and the *fitted* LiSA logits inside a run.
 The resolved layers, the sensitivity scores and the KL before/after every stage are written to
@@ -105,6 +107,7 @@ def layer_sensitivity(
     progress: bool = True,
     fit_steps: int = 0,
     fit_lr: float = 3e-3,
+    candidates: list[int] | None = None,
 ) -> dict[str, dict[int, float]]:
     """Per candidate layer, made LiSA alone (calibrated init, then `fit_steps` layer-wise steps):
 
@@ -114,6 +117,7 @@ def layer_sensitivity(
     Shallow layers can have a small attention KL and still a large effect on the output, hence the
     decision is taken on the model's output ("loss" or "output_kl", see `convert`).
     The layer-wise fit uses the calibration windows of `inputs` (all of them, not only the probe's).
+    candidates: the layers to score (default: every layer from `min_full_layers` on).
     """
     layers = C.decoder_layers(model)
     resolved = _resolve_shape_defaults(config, model.config)
@@ -121,11 +125,11 @@ def layer_sensitivity(
     teacher = teacher_topk(model, input_ids)
     base_loss, _ = _loss_and_output_kl(model, input_ids, teacher)
     scores: dict[str, dict[int, float]] = {"loss": {}, "output_kl": {}, "kl": {}}
-    candidates = range(config.min_full_layers, len(layers))
+    candidates = range(config.min_full_layers, len(layers)) if candidates is None else candidates
     for idx in tqdm(candidates, desc="layer sensitivity", disable=not progress):
         attn = C.base_attention(layers[idx])
         rope = inputs.position_embeddings
-        planes = C.activation_planes(attn, inputs, idx, resolved.r // 2)
+        planes = C.activation_planes(attn, inputs, idx, resolved.rank_of(idx) // 2)
         probe = _probe_layer(attn, idx, resolved, planes)
         prev = C.base_logits(C.base_attention(layers[idx - 1]), inputs.hidden[idx - 1], rope)
         target = C.base_logits(attn, inputs.hidden[idx], rope)
@@ -161,6 +165,27 @@ def choose_layers(scores: dict[int, float], num_layers: int, fraction: float) ->
     """The round(fraction * num_layers) layers with the lowest scores, sorted."""
     k = max(1, min(len(scores), round(fraction * num_layers)))
     return sorted(sorted(scores, key=scores.__getitem__)[:k])
+
+
+def allocate_ranks(scores: dict[int, float], r: int, head_dim: int) -> dict[int, int]:
+    """{layer: even rank} sharing the budget r x len(scores) in proportion to `scores` (sensitivity).
+
+    Every layer starts at r/2 (even, >= 2); two ranks at a time go to the layer whose score per rank
+    is highest, never above min(2r, head_dim), until the budget is spent. Equal scores give r everywhere.
+    """
+    low = max(2, (r // 2) // 2 * 2)
+    high = max(low, min(2 * r, head_dim) // 2 * 2)
+    ranks = {idx: low for idx in scores}
+    left = r * len(scores) - low * len(scores)
+    weight = {idx: max(float(score), 0.0) + 1e-12 for idx, score in scores.items()}
+    while left >= 2:
+        growable = [idx for idx in ranks if ranks[idx] + 2 <= high]
+        if not growable:
+            break
+        idx = max(growable, key=lambda i: (weight[i] / ranks[i], -i))
+        ranks[idx] += 2
+        left -= 2
+    return ranks
 
 
 def convert(
@@ -207,6 +232,7 @@ def convert(
     num_layers = len(layers)
     scores_record: dict = {"calibration": {"num_sequences": int(input_ids.shape[0]), "seq_len": int(seq_len)}}
 
+    sensitivity = None
     if config.lisa_layers == "auto":
         probe_ids = input_ids[: max(1, sensitivity_sequences)]  # the loss probe runs the whole model per layer
         sensitivity = layer_sensitivity(model, inputs, probe_ids, config, progress=progress,
@@ -216,13 +242,33 @@ def convert(
             scores_record[f"sensitivity_{kind}"] = {str(k): float(f"{v:.6g}") for k, v in values.items()}
         logger.info("lisa_layers='auto' chose %s", config.lisa_layers)
 
+    if config.rank_allocation == "sensitivity" and not config.layer_ranks:
+        if sensitivity is None:
+            probe_ids = input_ids[: max(1, sensitivity_sequences)]
+            sensitivity = layer_sensitivity(model, inputs, probe_ids, config, progress=progress,
+                                            fit_steps=sensitivity_fit_steps, fit_lr=layerwise_lr,
+                                            candidates=list(config.lisa_layers))
+            for kind, values in sensitivity.items():
+                scores_record[f"sensitivity_{kind}"] = {str(k): float(f"{v:.6g}") for k, v in values.items()}
+        resolved = _resolve_shape_defaults(config, model.config)
+        heads = model.config.num_attention_heads
+        head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // heads
+        by_layer = {idx: sensitivity["output_kl"][idx] for idx in config.lisa_layers}
+        ranks = allocate_ranks(by_layer, resolved.r, head_dim)
+        config.r = resolved.r
+        config.layer_ranks = {str(idx): rank for idx, rank in ranks.items()}
+        scores_record["rank_allocation"] = {"by": "output_kl", "budget": resolved.r * len(ranks),
+                                            "ranks": dict(config.layer_ranks)}
+        logger.info("rank_allocation='sensitivity' gave ranks %s", config.layer_ranks)
+
     calibrate = config.init_lisa_weights == "calibrate"
     if calibrate:
         resolved = _resolve_shape_defaults(config, model.config)
         config.rotary_planes = dict(config.rotary_planes or {})
         for idx in config.lisa_layers:
             attn = C.base_attention(layers[idx])
-            config.rotary_planes[str(idx)] = C.activation_planes(attn, inputs, idx, resolved.r // 2).tolist()
+            half = resolved.rank_of(idx) // 2
+            config.rotary_planes[str(idx)] = C.activation_planes(attn, inputs, idx, half).tolist()
 
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     config = peft_model.peft_config[adapter_name]

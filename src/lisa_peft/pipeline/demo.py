@@ -56,6 +56,15 @@ def reload_adapter(base_model_id: str, source: str, revision: str | None = None)
     return PeftModel.from_pretrained(base, source, revision=revision).eval()
 
 
+def _compression_row(point: dict[str, Any] | None) -> list[tuple[str, str]]:
+    if not point:
+        return []
+    ranks = sorted(set(point["ranks"].values()))
+    rank = f"r = {ranks[0]}" if len(ranks) == 1 else f"r = {ranks[0]}-{ranks[-1]} per layer, mean {point['mean_rank']}"
+    return [("Q/K compression of the LiSA layers (head_dim / r)",
+             f"{point['qk_compression']:.2f}x ({rank}, head_dim {point['head_dim']})")]
+
+
 def summary_table(summary: dict[str, Any]) -> str:
     """The demo's result table (markdown)."""
     fidelity = summary.get("fidelity", {})
@@ -76,6 +85,7 @@ def summary_table(summary: dict[str, Any]) -> str:
                      f"{z['base_acc_norm']:.3f} vs {z['lisa_acc_norm']:.3f}"))
     rows += [
         ("LiSA layers / total", f"{len(summary['lisa_layers'])} / {summary['num_layers']}  {summary['lisa_layers']}"),
+        *_compression_row(summary.get("operating_point")),
         ("trainable parameters", f"{summary['trainable_params']:,} ({summary['trainable_pct']:.2f}% of the model)"),
         ("adapter size (adapter_model.safetensors)", _human_bytes(summary["adapter_bytes"])),
         (

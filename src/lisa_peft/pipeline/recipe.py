@@ -697,6 +697,7 @@ def run_recipe(recipe: dict[str, Any], progress: bool = True, resume: bool | str
     layers) plus, for callers in the same process, the trained `model`, the `eval_windows` and
     the `tokenizer` (not written to the JSON)."""
     from ..evaluation.fidelity import measure_fidelity
+    from ..evaluation.operating_point import model_operating_point
     from .base_models import load_base_model
     from .training import LisaTrainer, TimeBudgetCallback, TokenWindowDataset, cache_teacher_topk
 
@@ -759,6 +760,7 @@ def run_recipe(recipe: dict[str, Any], progress: bool = True, resume: bool | str
     if zero_shot:
         summary["zero_shot"] = measure_zero_shot(peft_model, tokenizer, zero_shot, progress)
     record_fidelity(peft_model, summary)
+    summary["operating_point"] = model_operating_point(peft_model).as_dict()
     if trainer.is_world_process_zero():
         peft_model.save_pretrained(output_dir / FINAL_ADAPTER_DIR)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))

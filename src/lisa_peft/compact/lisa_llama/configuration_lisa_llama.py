@@ -4,7 +4,8 @@ A `LlamaConfig` plus the fields of the LiSA adapter it was merged from. Every ot
 so `config.json` of a compact folder reads as the base config with these additions:
 
 * `lisa_layers`: decoder layers whose attention is LiSA (no base W_q / W_k there);
-* `lisa_r`: low-rank Q/K width per head (r/2 rotary planes); `lisa_ffn_hidden`: head FFN width F;
+* `lisa_r`: low-rank Q/K width per head (r/2 rotary planes); `lisa_layer_ranks`: per-layer widths that
+  override it (key: layer index as a string; None = `lisa_r` everywhere); `lisa_ffn_hidden`: head FFN width F;
 * `lisa_share`: "logits" or "probs"; `lisa_kernel`: "auto", "triton" or "torch" (`tuners/lisa/dispatch.py`);
 * `lisa_rotary_planes`: per LiSA layer (key: layer index as a string) the kept plane indices [G][r/2];
 * `lisa_dtype`: dtype of the LiSA weights when it differs from the model's (float32 LiSA weights on a
@@ -30,6 +31,7 @@ class LisaLlamaConfig(LlamaConfig):
 
     lisa_layers: list[int] | None = None
     lisa_r: int | None = None
+    lisa_layer_ranks: dict | None = None
     lisa_ffn_hidden: int | None = None
     lisa_share: str = "logits"
     lisa_kernel: str = "auto"
@@ -40,6 +42,8 @@ class LisaLlamaConfig(LlamaConfig):
     def __post_init__(self, **kwargs: Any) -> None:
         self.lisa_layers = sorted(int(i) for i in (self.lisa_layers or []))
         self.lisa_rotary_planes = {str(k): v for k, v in (self.lisa_rotary_planes or {}).items()}
+        if self.lisa_layer_ranks is not None:
+            self.lisa_layer_ranks = {str(k): v for k, v in self.lisa_layer_ranks.items()}
         super().__post_init__(**kwargs)
         self._check_lisa_fields()
 
@@ -56,6 +60,11 @@ class LisaLlamaConfig(LlamaConfig):
             problems.append(f"lisa_dtype={self.lisa_dtype!r} (expected one of {LISA_DTYPES})")
         if not isinstance(self.lisa_r, int) or self.lisa_r <= 0 or self.lisa_r % 2:
             problems.append(f"lisa_r={self.lisa_r!r} (expected a positive even integer)")
+        for key, rank in sorted((self.lisa_layer_ranks or {}).items()):
+            if not key.isdigit() or int(key) not in self.lisa_layers:
+                problems.append(f"lisa_layer_ranks[{key!r}] names no LiSA layer (lisa_layers {self.lisa_layers})")
+            elif isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0 or rank % 2:
+                problems.append(f"lisa_layer_ranks[{key!r}]={rank!r} (expected a positive even integer)")
         if not isinstance(self.lisa_ffn_hidden, int) or self.lisa_ffn_hidden <= 0:
             problems.append(f"lisa_ffn_hidden={self.lisa_ffn_hidden!r} (expected a positive integer)")
         bad_layers = [i for i in self.lisa_layers if i < 1 or i >= self.num_hidden_layers]
@@ -64,8 +73,9 @@ class LisaLlamaConfig(LlamaConfig):
         missing = [i for i in self.lisa_layers if str(i) not in self.lisa_rotary_planes]
         if missing:
             problems.append(f"lisa_rotary_planes has no entry for layers {missing}")
-        half, kv_heads, head_dim = (self.lisa_r or 0) // 2, self.num_key_value_heads, self.lisa_head_dim
+        kv_heads, head_dim = self.num_key_value_heads, self.lisa_head_dim
         for key, planes in sorted(self.lisa_rotary_planes.items()):
+            half = self.lisa_rank_of(int(key)) // 2 if key.isdigit() and isinstance(self.lisa_r, int) else 0
             values = [v for row in planes for v in row]
             if len(planes) != kv_heads or any(len(row) != half for row in planes) or not all(
                 isinstance(v, int) and 0 <= v < head_dim // 2 for v in values
@@ -76,6 +86,11 @@ class LisaLlamaConfig(LlamaConfig):
                 )
         if problems:
             raise ValueError("Invalid LiSA LLaMA config (config.json of a compact LiSA model): " + "; ".join(problems))
+
+    def lisa_rank_of(self, layer_idx: int) -> int:
+        """Low-rank Q/K width of LiSA layer `layer_idx`: its `lisa_layer_ranks` entry, else `lisa_r`."""
+        rank = (self.lisa_layer_ranks or {}).get(str(layer_idx), self.lisa_r)
+        return rank if isinstance(rank, int) else 0
 
     @property
     def lisa_head_dim(self) -> int:

@@ -69,7 +69,7 @@ class LisaLlamaAttention(LlamaAttention):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.scaling = self.head_dim**-0.5
-        d, r, bias = config.hidden_size, config.lisa_r, config.attention_bias
+        d, r, bias = config.hidden_size, config.lisa_rank_of(layer_idx), config.attention_bias
         lisa_dtype = _DTYPES[config.lisa_dtype] if config.lisa_dtype else None
         self.lisa_q_proj = nn.Linear(d, self.num_heads * r, bias=bias, dtype=lisa_dtype)
         self.lisa_k_proj = nn.Linear(d, self.num_kv_heads * r, bias=bias, dtype=lisa_dtype)

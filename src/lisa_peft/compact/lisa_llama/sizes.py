@@ -20,7 +20,7 @@ class CompactSizes:
     lisa_weights: int
     dropped_qk: int
     head_dim: int
-    r: int
+    r: float  # mean low-rank Q/K width over the LiSA layers (their one `r` unless ranks differ per layer)
 
     @property
     def compact_ratio(self) -> float:
@@ -29,7 +29,8 @@ class CompactSizes:
 
     @property
     def qk_compression(self) -> float:
-        """head_dim / r: the Q/K compression factor of a LiSA layer (the paper's "6x compression of Q and K")."""
+        """head_dim / r: the Q/K compression of the LiSA layers (the paper's "6x compression of Q and K");
+        with ranks per layer, head_dim over their mean (the ratio of the Q/K widths summed over those layers)."""
         return self.head_dim / self.r
 
 
@@ -57,4 +58,11 @@ def compact_sizes(compact: nn.Module) -> CompactSizes:
     dropped = dropped_qk_bytes(compact.config, attn.v_proj.weight.dtype)
     base = total - lisa_bytes + dropped
     return CompactSizes(base=base, adapter_form=base + lisa_bytes, compact=total, lisa_weights=lisa_bytes,
-                        dropped_qk=dropped, head_dim=compact.config.lisa_head_dim, r=compact.config.lisa_r)
+                        dropped_qk=dropped, head_dim=compact.config.lisa_head_dim, r=mean_rank(compact.config))
+
+
+def mean_rank(config: LisaLlamaConfig) -> float:
+    """Mean low-rank Q/K width over the LiSA layers (an int when every layer has the same)."""
+    ranks = [config.lisa_rank_of(i) for i in config.lisa_layers]
+    mean = sum(ranks) / len(ranks)
+    return int(mean) if len(set(ranks)) == 1 else mean

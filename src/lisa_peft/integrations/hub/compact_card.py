@@ -18,6 +18,7 @@ from .model_card import (
     _environment,
     _layer_map,
     hub_model_id,
+    rank_summary,
     template_path,
 )
 
@@ -51,8 +52,9 @@ def render_compact_card(model: Any, repo_id: str | None = None, tags: list[str] 
         "base": {"name": name, "hub_id": base_hub_id},
         "layers": _layer_map(config.num_hidden_layers, list(config.lisa_layers)),
         "cfg": {
-            "r": config.lisa_r, "planes": config.lisa_r // 2, "head_dim": config.lisa_head_dim,
-            "compression": sizes.qk_compression, "share": config.lisa_share, "ffn_hidden": config.lisa_ffn_hidden,
+            **rank_summary({i: config.lisa_rank_of(i) for i in config.lisa_layers}, config.lisa_head_dim),
+            "head_dim": config.lisa_head_dim, "compression": sizes.qk_compression, "share": config.lisa_share,
+            "ffn_hidden": config.lisa_ffn_hidden,
             "lisa_dtype": lisa_dtype,
         },
         "sizes": sizes,

@@ -39,18 +39,21 @@ def check_adapter_compatible(config: Any, base_model: Any) -> None:
     if beyond:
         problems.append(f"LiSA layers {beyond} do not exist in a base model with {shape['num_hidden_layers']} layers")
     head_dim, kv_heads = shape["head_dim"], shape["num_key_value_heads"]
-    if config.r is not None and config.r > head_dim:
-        problems.append(f"r={config.r} is larger than the base model's head_dim {head_dim}")
+    pattern = config.layer_ranks or {}
+    too_wide = {k: v for k, v in {"r": config.r, **pattern}.items() if v is not None and v > head_dim}
+    if too_wide:
+        problems.append(f"ranks {too_wide} (r / layer_ranks) are larger than the base model's head_dim {head_dim}")
     for key, planes in sorted((config.rotary_planes or {}).items(), key=lambda kv: int(kv[0])):
         widths = {len(row) for row in planes}
         values = [v for row in planes for v in row]
-        if len(planes) != kv_heads or (config.r is not None and widths != {config.r // 2}) or (
+        rank = pattern.get(str(key), config.r)
+        if len(planes) != kv_heads or (rank is not None and widths != {rank // 2}) or (
             values and max(values) >= head_dim // 2
         ):
             saved = f"[{len(planes)}][{'/'.join(map(str, sorted(widths)))}]"
             problems.append(
                 f"rotary_planes[{key!r}] is {saved} with plane indices up to {max(values) if values else '-'}; "
-                f"this base needs [{kv_heads}][{(config.r or 0) // 2}] (KV heads x r/2) with indices < "
+                f"this base needs [{kv_heads}][{(rank or 0) // 2}] (KV heads x r/2) with indices < "
                 f"{head_dim // 2} (head_dim/2)"
             )
             break

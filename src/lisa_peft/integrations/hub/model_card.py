@@ -120,27 +120,12 @@ def _as_config(base_model_config: Any) -> Any:
     return getattr(base_model_config, "config", base_model_config)
 
 
-def _llama_parameter_count(cfg: Any) -> int:
-    """Parameters of a LLaMA-architecture model from its config (embeddings, layers, norm, head)."""
-    d, vocab, inter = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or d // heads
-    attn_bias = bool(getattr(cfg, "attention_bias", False))
-    mlp_bias = bool(getattr(cfg, "mlp_bias", False))
-    attn = d * heads * head_dim + 2 * d * kv_heads * head_dim + heads * head_dim * d
-    if attn_bias:
-        attn += heads * head_dim + 2 * kv_heads * head_dim + d
-    mlp = 3 * d * inter + ((2 * inter + d) if mlp_bias else 0)
-    per_layer = attn + mlp + 2 * d
-    head = 0 if getattr(cfg, "tie_word_embeddings", False) else vocab * d
-    return vocab * d + cfg.num_hidden_layers * per_layer + d + head
-
-
 def _base_parameter_count(model: Any, cfg: Any) -> int:
     if model is not None:
         return sum(p.numel() for n, p in model.get_base_model().named_parameters() if "lisa_" not in n)
-    return _llama_parameter_count(cfg)
+    from ...evaluation.memory import llama_parameter_count
+
+    return llama_parameter_count(cfg)
 
 
 def _base_name(config: Any, model: Any, cfg: Any) -> str | None:
@@ -279,6 +264,7 @@ def render_model_card(
     import peft
 
     from ...evaluation.memory import kv_cache_bytes, lisa_parameter_count
+    from ...evaluation.operating_point import operating_point
     from ...tuners.lisa.config import base_model_shape
     from ...tuners.lisa.model import default_rank
     from ...version import __version__
@@ -292,6 +278,7 @@ def render_model_card(
     shape = base_model_shape(cfg)
     r = config.r or default_rank(shape["head_dim"])
     lisa = sorted(config.lisa_layers)
+    ranks = {i: (config.layer_ranks or {}).get(str(i), r) for i in lisa}
     rows = _eval_rows(eval_results or fidelity_eval_results(config))
 
     name = _base_name(config, model, cfg)
@@ -299,10 +286,10 @@ def render_model_card(
     base_hub_id = hub_model_id(name)
     title_base = base_hub_id or alias or (Path(name).name if name else "a LLaMA-architecture model")
     title = f"LiSA adapter for {title_base}"
-    kv = kv_cache_bytes(cfg, lisa, r, batch_size=1, seq_len=KV_SEQ_LEN, dtype=torch.float16)
-    keys = kv_cache_bytes(cfg, lisa, r, batch_size=1, seq_len=KV_SEQ_LEN, dtype=torch.float16, keys_only=True)
+    kv = kv_cache_bytes(cfg, lisa, ranks, batch_size=1, seq_len=KV_SEQ_LEN, dtype=torch.float16)
+    keys = kv_cache_bytes(cfg, lisa, ranks, batch_size=1, seq_len=KV_SEQ_LEN, dtype=torch.float16, keys_only=True)
     n_lisa_params = lisa_parameter_count(
-        cfg, lisa, r, config.ffn_hidden, bias=bool(getattr(cfg, "attention_bias", False))
+        cfg, lisa, ranks, config.ffn_hidden, bias=bool(getattr(cfg, "attention_bias", False))
     )
     n_base = _base_parameter_count(model, cfg)
     card_data = _card_data(rows, base_hub_id, license, repo_id or title)
@@ -322,7 +309,7 @@ def render_model_card(
         },
         "layers": _layer_map(shape["num_hidden_layers"], lisa),
         "cfg": {
-            "r": r, "planes": r // 2, "compression": shape["head_dim"] / r, "share": config.share,
+            **rank_summary(ranks, shape["head_dim"]), "share": config.share,
             "init": config.init_lisa_weights, "ffn_hidden": config.ffn_hidden or 2 * shape["num_attention_heads"],
             "lisa_dtype": config.lisa_dtype,
         },
@@ -333,9 +320,22 @@ def render_model_card(
         "params": {"lisa": n_lisa_params, "base": n_base, "pct": n_lisa_params / n_base},
         "eval_results": rows,
         "fidelity": (config.layer_scores or {}).get("fidelity") if not eval_results else None,
+        "operating_point": operating_point(config, cfg, base_parameters=n_base).describe(),
     }
     text = _environment().from_string(template_path().read_text(encoding="utf-8")).render(**context)
     return re.sub(r"\n{3,}", "\n\n", text)
+
+
+def rank_summary(ranks: dict[int, int], head_dim: int) -> dict[str, Any]:
+    """Card fields for the low-rank Q/K widths {layer: r}: "r" (text), "planes", "compression", "per_layer"."""
+    values = sorted(set(ranks.values()))
+    mean = sum(ranks.values()) / len(ranks)
+    if len(values) == 1:
+        return {"r": values[0], "planes": values[0] // 2, "compression": head_dim / values[0], "per_layer": None,
+                "r_label": str(values[0])}
+    per_layer = ", ".join(f"{i}: {rank}" for i, rank in sorted(ranks.items()))
+    return {"r": f"{values[0]}-{values[-1]} per layer (mean {mean:.3g})", "planes": "r/2",
+            "compression": head_dim / mean, "per_layer": per_layer, "r_label": f"{mean:.3g} (mean)"}
 
 
 # ---------------------------------------------------------------------------------------------- updating

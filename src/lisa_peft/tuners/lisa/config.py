@@ -20,6 +20,7 @@ from .peft_type import lisa_peft_type
 
 SHARE_MODES = ("logits", "probs")
 INIT_MODES = ("calibrate", "identity", "random")
+RANK_ALLOCATIONS = ("uniform", "sensitivity")
 KERNEL_MODES = ("auto", "triton", "torch")
 LISA_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -41,6 +42,18 @@ class LisaConfig(PeftConfig):
         target_fraction: With `lisa_layers="auto"`: the fraction of all layers to make LiSA.
         r: Rank per head of the low-rank Q/K delta (even: it is made of `r/2` rotary planes).
             `None` = head_dim/6 rounded up to an even number ("6x compression of Q and K").
+            A mapping {layer index: rank} is read as `layer_ranks` (every rank even).
+        layer_ranks: Per-layer ranks that override `r` for the layers they name (key: layer index,
+            saved as a string). Each rank is even and at most head_dim; the layers named must be
+            LiSA layers. Keys are layer indices, not module-name patterns as in LoRA's
+            `rank_pattern` (hence another name). Kernels, caches and the compact model follow each
+            layer's own rank. `lisa_peft.convert` writes it with `rank_allocation="sensitivity"`
+            (a `layer_ranks` given by hand is kept as it is).
+        rank_allocation: How `lisa_peft.convert` sets the ranks. `"uniform"` (default): `r` for every
+            LiSA layer. `"sensitivity"`: the same total budget (`r` x number of LiSA layers) shared
+            out in proportion to each layer's measured sensitivity (the layer probe of
+            `lisa_layers="auto"`, or one run for the given layers), each rank kept within
+            [r/2, min(2r, head_dim)]; the result is written to `layer_ranks`.
         ffn_hidden: Hidden width `F` of the head-alignment FFN. `None` = 2*H (H query heads).
         share: `"logits"` (default): the FFN reads the previous layer's pre-mask logits and
             `S = A + delta`. `"probs"`: the FFN reads the previous layer's probabilities and
@@ -104,8 +117,18 @@ class LisaConfig(PeftConfig):
     target_fraction: float | None = field(
         default=None, metadata={"help": "With lisa_layers='auto': fraction of all layers to make LiSA."}
     )
-    r: int | None = field(
-        default=None, metadata={"help": "Even rank per head of the low-rank Q/K delta (default head_dim/6, even)."}
+    r: int | dict[str, int] | None = field(
+        default=None,
+        metadata={"help": "Even rank per head of the low-rank Q/K delta (default head_dim/6, even); a mapping "
+                  "{layer: rank} is read as layer_ranks."},
+    )
+    layer_ranks: dict[str, int] | None = field(
+        default=None,
+        metadata={"help": "Per-layer ranks {layer index: even rank} overriding `r` (written by rank_allocation)."},
+    )
+    rank_allocation: Literal["uniform", "sensitivity"] = field(
+        default="uniform",
+        metadata={"help": "How lisa_peft.convert sets ranks: uniform (r everywhere) or sensitivity (same budget)."},
     )
     ffn_hidden: int | None = field(
         default=None, metadata={"help": "Hidden width of the head-alignment FFN (default 2 * num heads)."}
@@ -153,7 +176,25 @@ class LisaConfig(PeftConfig):
             self.task_type = TaskType.CAUSAL_LM
         super().__post_init__()
         self.peft_type = lisa_peft_type()
+        if isinstance(self.r, Mapping):  # `r` given per layer: the same thing as `layer_ranks`
+            if self.layer_ranks:
+                raise ValueError(
+                    "Give per-layer ranks once: either `r` as a mapping {layer: rank} or `layer_ranks`, not both."
+                )
+            self.layer_ranks, self.r = dict(self.r), None
         self._validate()
+
+    def rank_of(self, layer_idx: int) -> int:
+        """The rank of LiSA layer `layer_idx`: its `layer_ranks` entry, else `r` (resolved at injection)."""
+        if self.layer_ranks and str(layer_idx) in self.layer_ranks:
+            return self.layer_ranks[str(layer_idx)]
+        if self.r is None:
+            raise ValueError("`r` is not resolved yet: it gets its default when the adapter is injected.")
+        return self.r
+
+    def ranks(self) -> dict[int, int]:
+        """{LiSA layer: rank} for every LiSA layer (after injection)."""
+        return {i: self.rank_of(i) for i in self.lisa_layers}
 
     def _validate(self) -> None:
         if self.lisa_layers is None:
@@ -187,6 +228,12 @@ class LisaConfig(PeftConfig):
                 "layer 0 has no previous layer to share. Remove them or lower `min_full_layers` (>= 1)."
             )
         self.lisa_layers = sorted(layers)
+        strays = sorted(int(k) for k in (self.layer_ranks or {}) if int(k) not in self.lisa_layers)
+        if strays:
+            raise ValueError(
+                f"`layer_ranks` names layers {strays} that are not in `lisa_layers` {self.lisa_layers}: only LiSA "
+                "layers have a low-rank Q/K. Remove them or add the layers to `lisa_layers`."
+            )
 
     def _validate_options(self) -> None:
         if isinstance(self.min_full_layers, bool) or not isinstance(self.min_full_layers, int):
@@ -200,6 +247,9 @@ class LisaConfig(PeftConfig):
                 raise ValueError(
                     f"`r` must be a positive even integer (it is made of r/2 rotary planes), got {self.r!r}."
                 )
+        if self.layer_ranks is not None:
+            self.layer_ranks = _normalized_layer_ranks(self.layer_ranks)
+        _check_choice("rank_allocation", self.rank_allocation, RANK_ALLOCATIONS)
         if self.ffn_hidden is not None and (
             isinstance(self.ffn_hidden, bool) or not isinstance(self.ffn_hidden, int) or self.ffn_hidden <= 0
         ):
@@ -244,6 +294,23 @@ def base_shape_mismatch(saved: Mapping[str, Any] | None, actual: Mapping[str, An
     diffs = [f"{key} {saved[key]} (adapter) vs {actual.get(key)} (base)" for key in BASE_SHAPE_KEYS
              if key in saved and saved[key] != actual.get(key)]
     return "; ".join(diffs) or None
+
+
+def _normalized_layer_ranks(pattern: Any) -> dict[str, int]:
+    """{str(layer): rank} from a mapping with int or digit-string keys; ValueError naming what is wrong."""
+    if not isinstance(pattern, Mapping):
+        raise ValueError(f"`layer_ranks` must be a mapping {{layer index: even rank}}, got {pattern!r}.")
+    normalized = {}
+    for key, rank in pattern.items():
+        text = str(key)
+        if isinstance(key, bool) or not (isinstance(key, int) or text.isdigit()):
+            raise ValueError(f"`layer_ranks` keys are layer indices (e.g. 12 or \"12\"), got {key!r}.")
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0 or rank % 2:
+            raise ValueError(
+                f"`layer_ranks[{text}]` must be a positive even integer (r/2 rotary planes), got {rank!r}."
+            )
+        normalized[str(int(text))] = rank
+    return dict(sorted(normalized.items(), key=lambda item: int(item[0])))
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -95,7 +95,7 @@ class LisaAttention(nn.Module, BaseTunerLayer):
         weight = base.q_proj.weight
         dtype = _DTYPES[config.lisa_dtype] if config.lisa_dtype else weight.dtype
         device = weight.device if weight.device.type != "meta" else None
-        r, hidden = config.r, config.ffn_hidden
+        r, hidden = config.rank_of(self.layer_idx), config.ffn_hidden
         bias = base.q_proj.bias is not None
         self.lisa_rotary[adapter_name] = LisaRotaryIndex(planes.to(torch.long), self.head_dim).to(weight.device)
         self.lisa_q_proj[adapter_name] = nn.Linear(

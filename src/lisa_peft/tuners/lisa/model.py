@@ -189,10 +189,17 @@ class LisaModel(BaseTuner):
         head_dim = model_config.get("head_dim") or model_config["hidden_size"] // heads
         if peft_config.r is None:
             peft_config.r = default_rank(head_dim)
-        if peft_config.r > head_dim:
+        too_wide = {i: rank for i, rank in peft_config.ranks().items() if rank > head_dim}
+        if too_wide:
             raise ValueError(
-                f"`r`={peft_config.r} is larger than the head dimension {head_dim}: the low-rank Q/K keep at most "
-                f"head_dim/2 rotary planes. Use an even r <= {head_dim}."
+                f"Rank larger than the head dimension {head_dim} (layer: rank) {too_wide}: the low-rank Q/K keep at "
+                f"most head_dim/2 rotary planes. Use even ranks <= {head_dim} (`r`, `layer_ranks`)."
+            )
+        if peft_config.rank_allocation == "sensitivity" and not peft_config.layer_ranks:
+            raise ValueError(
+                "rank_allocation='sensitivity' shares the rank budget by layer sensitivity measured on calibration "
+                "text, which get_peft_model does not have. Use lisa_peft.convert(model, tokenizer, config, "
+                "calibration_texts=...), or give the ranks yourself in `layer_ranks`."
             )
         if peft_config.ffn_hidden is None:
             peft_config.ffn_hidden = 2 * heads
@@ -247,10 +254,10 @@ class LisaModel(BaseTuner):
 
     @staticmethod
     def _resolve_planes(config: LisaConfig, attn: nn.Module, layer_idx: int) -> torch.Tensor:
-        """[G, r/2] rotary planes of a LiSA layer: from the config if saved there, else chosen by weight norms."""
+        """[G, r/2] rotary planes of a LiSA layer (its own r): from the config if saved there, else by weight norms."""
         key = str(layer_idx)
         num_kv = attn.config.num_key_value_heads
-        half = config.r // 2
+        half = config.rank_of(layer_idx) // 2
         if key in config.rotary_planes:
             planes = torch.tensor(config.rotary_planes[key], dtype=torch.long)
             if planes.shape != (num_kv, half) or planes.min() < 0 or planes.max() >= attn.head_dim // 2:
