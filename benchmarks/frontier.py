@@ -17,6 +17,9 @@ For SmolLM2-135M-Instruct (the embedded demo model):
 5. ``--speed``: per cell, greedy `generate` tokens/s of the LiSA model against the same model with its
    adapter disabled, interleaved repeats (median and spread). Run it alone on the machine.
 6. ``--report``: the table (markdown) and the plot (saving on x, fidelity on y, one line per fraction).
+Ablation: ``--rank-allocation sensitivity`` runs the same cells with `LisaConfig(rank_allocation="sensitivity")`
+(the same rank budget, shared out by each layer's measured output KL inside `lisa_peft.convert`); those rows
+are marked and shown as their own table rows, and as crosses in the plot.
 
     python benchmarks/frontier.py --heldout-dir DIR --arc DIR/arc_easy_dev.jsonl --speed --report
 
@@ -60,6 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heldout-dir", default=None, help=f"folder with tinyshakespeare.txt (or ${HELDOUT_DIR_ENV})")
     parser.add_argument("--arc", default=None, help="ARC-style JSON-lines file for zero-shot acc_norm")
     parser.add_argument("--arc-limit", type=int, default=300)
+    parser.add_argument("--rank-allocation", choices=("uniform", "sensitivity"), default="uniform",
+                        help="LisaConfig.rank_allocation of the cells (sensitivity: the per-layer rank ablation)")
     parser.add_argument("--speed", action="store_true", help="measure decode tokens/s ratios (run alone)")
     parser.add_argument("--speed-only", action="store_true", help="skip the fidelity cells")
     parser.add_argument("--report", action="store_true", help="write the table and the plot")
@@ -88,8 +93,11 @@ def append_row(path: Path, row: dict) -> None:
 
 
 def find_row(rows: list[dict], kind: str, proto: dict, **keys) -> dict | None:
+    """The row of this kind and protocol whose keys match (a row without "allocation" is a uniform one)."""
     for row in rows:
-        if row.get("kind") == kind and row.get("protocol") == proto and all(row.get(k) == v for k, v in keys.items()):
+        values = {"allocation": "uniform", **row}
+        matches = all(values.get(k) == v for k, v in keys.items())
+        if row.get("kind") == kind and row.get("protocol") == proto and matches:
             return row
     return None
 
@@ -164,12 +172,15 @@ def run_cell(args, proto, fraction, r, layers, model, tokenizer, sets, calibrati
     start = time.monotonic()
     torch.manual_seed(0)
     base = copy.deepcopy(model)
-    lisa = convert(base, tokenizer, LisaConfig(lisa_layers=layers, init_lisa_weights="calibrate", r=r),
-                   calibration_ids=calibration, layerwise_steps=args.layerwise_steps, layerwise_lr=3e-3,
-                   progress=False)
+    config = LisaConfig(lisa_layers=layers, init_lisa_weights="calibrate", r=r, rank_allocation=args.rank_allocation)
+    lisa = convert(base, tokenizer, config, calibration_ids=calibration, layerwise_steps=args.layerwise_steps,
+                   layerwise_lr=3e-3, progress=False)
     distill(lisa, train, teacher, args.steps, args.lr)
     row = {"kind": "cell", "protocol": proto, "fraction": fraction, "r": r, "lisa_layers": layers,
            "num_layers": model.config.num_hidden_layers}
+    if args.rank_allocation != "uniform":
+        row["allocation"] = args.rank_allocation
+        row["layer_ranks"] = lisa.peft_config["default"].layer_ranks
     for text, windows in sets.items():
         f = measure_fidelity(lisa, windows, text, batch_size=8)
         row[text] = {"ppl_ratio": round(f.ppl_ratio, 4), "kl": round(f.kl, 4), "base_ppl": round(f.base_ppl, 3)}
@@ -177,7 +188,8 @@ def run_cell(args, proto, fraction, r, layers, model, tokenizer, sets, calibrati
         acc = zero_shot_accuracy(lisa, tokenizer, questions)
         row["arc_easy"] = {"n": acc.questions, "acc_norm": acc.acc_norm, "acc": acc.acc,
                            "base_acc_norm": base_arc.acc_norm, "base_acc": base_arc.acc}
-    kv = kv_cache_bytes(model.config, layers, r=r, seq_len=1, dtype=torch.float16)
+    ranks = lisa.peft_config["default"].ranks()
+    kv = kv_cache_bytes(model.config, layers, r=ranks, seq_len=1, dtype=torch.float16)
     row["kv_bytes_per_token_fp16"] = {"base": kv.base, "lisa": kv.lisa, "saving": round(1 - kv.lisa / kv.base, 4)}
     sizes = compact_sizes(lisa.merge_and_unload())
     row["compact_bytes_fp32"] = {"base": sizes.base, "compact": sizes.compact,
@@ -219,7 +231,7 @@ def measure_speed(model, tokenizer, layers: list[int], r: int, repeats: int) -> 
 def report(rows: list[dict], proto: dict, plot: Path | None) -> str:
     """The markdown table of every cell of this protocol (and the plot, when matplotlib is installed)."""
     cells = sorted((r for r in rows if r.get("kind") == "cell" and r.get("protocol") == proto),
-                   key=lambda r: (r["fraction"], r["r"]))
+                   key=lambda r: (r["fraction"], r["r"], "allocation" in r))
     speeds = {(r["fraction"], r["r"]): r["speed"]
               for r in rows if r.get("kind") == "speed" and r.get("protocol") == proto}
     texts = [t for t in ("pydoc", "shakespeare") if any(t in c for c in cells)]
@@ -228,8 +240,9 @@ def report(rows: list[dict], proto: dict, plot: Path | None) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for c in cells:
         arc = c.get("arc_easy")
-        speed = speeds.get((c["fraction"], c["r"]))
-        cols = [f"{len(c['lisa_layers'])} / {c['num_layers']}", f"{c['r']} ({c['qk_compression']:.1f}x)",
+        speed = speeds.get((c["fraction"], c["r"])) if c.get("allocation", "uniform") == "uniform" else None
+        by = " per layer by sensitivity" if c.get("allocation") == "sensitivity" else ""
+        cols = [f"{len(c['lisa_layers'])} / {c['num_layers']}", f"{c['r']}{by} ({c['qk_compression']:.1f}x)",
                 f"{100 * c['kv_bytes_per_token_fp16']['saving']:.1f} %",
                 f"{100 * c['compact_bytes_fp32']['saving']:.1f} %"]
         cols += [f"{c[t]['ppl_ratio']:.3f} / {c[t]['kl']:.3f}" if t in c else "—" for t in texts]
@@ -254,13 +267,20 @@ def draw(cells: list[dict], texts: list[str], path: Path) -> None:
     fig, axes = plt.subplots(1, len(texts), figsize=(5.5 * len(texts), 4.2), squeeze=False)
     for ax, text in zip(axes[0], texts):
         for fraction in sorted({c["fraction"] for c in cells}):
-            mine = sorted((c for c in cells if c["fraction"] == fraction and text in c),
+            mine = sorted((c for c in cells if c["fraction"] == fraction and text in c and "allocation" not in c),
                           key=lambda c: c["kv_bytes_per_token_fp16"]["saving"])
+            if not mine:
+                continue
             xs = [100 * c["kv_bytes_per_token_fp16"]["saving"] for c in mine]
             ys = [c[text]["ppl_ratio"] for c in mine]
             ax.plot(xs, ys, marker="o", label=f"{len(mine[0]['lisa_layers'])}/{mine[0]['num_layers']} layers")
             for c, x, y in zip(mine, xs, ys):
                 ax.annotate(f"r={c['r']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ablation = [c for c in cells if c.get("allocation") == "sensitivity" and text in c]
+        if ablation:
+            ax.scatter([100 * c["kv_bytes_per_token_fp16"]["saving"] for c in ablation],
+                       [c[text]["ppl_ratio"] for c in ablation], marker="x", color="black",
+                       label="rank per layer by sensitivity")
         ax.axhline(1.05, color="grey", linestyle=":", linewidth=1)
         ax.set_xlabel("KV cache saved per token (%)")
         ax.set_ylabel(f"perplexity ratio LiSA / base ({text}, held out)")
@@ -309,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         teacher = teacher_topk(model, train, k=64, batch_size=8) if args.steps > 0 else None
         for fraction in args.fractions:
             for r in args.ranks:
-                if find_row(rows, "cell", proto, fraction=fraction, r=r) is not None:
+                if find_row(rows, "cell", proto, fraction=fraction, r=r, allocation=args.rank_allocation):
                     continue
                 row = run_cell(args, proto, fraction, r, layers_for(fraction), model, tokenizer, sets,
                                calibration, train, teacher, questions, base_arc)
