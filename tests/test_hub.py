@@ -37,7 +37,7 @@ from lisa_peft.integrations.hub import (
     push_adapter,
 )
 from lisa_peft.integrations.hub.model_card import MODEL_CARD_MARKER, render_model_card
-from tests.helpers.tiny_models import tiny_llama
+from tests.helpers.tiny_models import move_lisa_weights, tiny_llama
 
 INPUT_IDS = [[5, 17, 3, 90, 42, 7, 64, 1, 11, 33]]
 SUBPROCESS_TIMEOUT = 240
@@ -51,13 +51,7 @@ def _load_base(base_dir: Path) -> transformers.LlamaForCausalLM:
 
 def _trained(base: torch.nn.Module, seed: int, **kwargs) -> PeftModel:
     """A LiSA adapter moved away from its (identity) init, so loading the wrong one changes the logits."""
-    model = get_peft_model(base, LisaConfig(lisa_layers=LAYERS, **kwargs))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lisa_" in name:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
-    return model.eval()
+    return move_lisa_weights(get_peft_model(base, LisaConfig(lisa_layers=LAYERS, **kwargs)), seed)
 
 
 @torch.no_grad()

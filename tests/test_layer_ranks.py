@@ -19,7 +19,7 @@ from lisa_peft.pipeline.convert import allocate_ranks, convert
 from lisa_peft.tuners.lisa.model import set_kernel_mode
 from lisa_peft.tuners.lisa.transformers_compat import cache_kwargs, output_cache
 from tests.helpers.hub_fixtures import hub_client, hub_server  # noqa: F401
-from tests.helpers.tiny_models import VOCAB, tiny_llama
+from tests.helpers.tiny_models import VOCAB, move_lisa_weights, tiny_llama
 
 LAYERS = [2, 3, 5]
 RANKS = {2: 8, 3: 2, 5: 6}  # head_dim 16 -> compression 2x, 8x, 2.7x
@@ -28,12 +28,7 @@ RANKS = {2: 8, 3: 2, 5: 6}  # head_dim 16 -> compression 2x, 8x, 2.7x
 def _mixed(kv_heads: int = 2, seed: int = 0, **kwargs):
     """A LiSA PeftModel with a rank per layer whose LiSA weights moved away from their init."""
     model = get_peft_model(tiny_llama(kv_heads), LisaConfig(lisa_layers=LAYERS, layer_ranks=RANKS, **kwargs))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lisa_" in name:
-                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
-    return model.eval()
+    return move_lisa_weights(model, seed)
 
 
 def _ids(batch: int = 2, length: int = 12, seed: int = 1) -> torch.Tensor:

@@ -31,3 +31,14 @@ def tiny_llama(num_kv_heads: int = 2, num_layers: int = 6, seed: int = 0, **over
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(tiny_llama_config(num_kv_heads, num_layers, **overrides))
     return model.eval()
+
+
+def move_lisa_weights(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
+    """Add seeded noise of `scale` to every LiSA weight (in place), so that an adapter differs from its init
+    and loading the wrong one changes the logits. Returns the model in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lisa_" in name:
+                param.add_((torch.randn(param.shape, generator=generator) * scale).to(param.dtype))
+    return model.eval()
