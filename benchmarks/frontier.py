@@ -240,7 +240,7 @@ def report(rows: list[dict], proto: dict, plot: Path | None) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for c in cells:
         arc = c.get("arc_easy")
-        speed = speeds.get((c["fraction"], c["r"])) if c.get("allocation", "uniform") == "uniform" else None
+        speed = speeds.get((c["fraction"], c["r"])) if "allocation" not in c else None
         by = " per layer by sensitivity" if c.get("allocation") == "sensitivity" else ""
         cols = [f"{len(c['lisa_layers'])} / {c['num_layers']}", f"{c['r']}{by} ({c['qk_compression']:.1f}x)",
                 f"{100 * c['kv_bytes_per_token_fp16']['saving']:.1f} %",

@@ -61,3 +61,15 @@ def test_cli_analyze_adapter_reads_configs_only(tmp_path, capsys):
     assert saved["lisa_layers"] == 3 and saved["ranks"] == {"2": 4, "3": 4, "5": 4} and saved["qk_compression"] == 4
     assert main(["analyze", "--adapter", str(tmp_path / "missing"), "--out", str(out)]) == 1
     assert "lisa-peft analyze:" in capsys.readouterr().err
+
+
+def test_rank_text_and_the_demo_row_name_uniform_and_per_layer_ranks():
+    from lisa_peft.evaluation.operating_point import rank_text
+    from lisa_peft.pipeline.demo import _compression_row
+
+    assert rank_text({2: 16, 3: 16}) == "16"
+    assert rank_text({2: 8, 3: 2, 5: 6}) == "2-8 per layer, mean 5.33"
+    row = _compression_row(model_operating_point(_model(layer_ranks={3: 2})).as_dict())
+    assert row == [("Q/K compression of the LiSA layers (head_dim / r)",
+                    "4.80x (r = 2-4 per layer, mean 3.33, head_dim 16)")]
+    assert _compression_row(None) == []

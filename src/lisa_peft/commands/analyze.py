@@ -77,10 +77,9 @@ def run_operating_point(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lisa_peft.evaluation.analysis import analyze
-
     if args.adapter:
         return run_operating_point(args)
+    from lisa_peft.evaluation.analysis import analyze
     from lisa_peft.pipeline.convert import lisa_sensitivity
 
     try:

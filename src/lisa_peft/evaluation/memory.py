@@ -148,6 +148,11 @@ def lisa_parameter_count(model_config: Any, lisa_layers: list[int], r: Ranks = N
     return sum((heads + kv_heads) * rank * (d + (1 if bias else 0)) + ffn for rank in ranks.values())
 
 
+def base_parameter_count(model: Any) -> int:
+    """Parameters of the base model inside a LiSA `PeftModel` (its LiSA weights not counted)."""
+    return sum(p.numel() for name, p in model.get_base_model().named_parameters() if "lisa_" not in name)
+
+
 def llama_parameter_count(cfg: Any) -> int:
     """Parameters of a LLaMA-architecture model from its config (embeddings, layers, norm, head)."""
     d, vocab, inter = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
@@ -166,6 +171,6 @@ def llama_parameter_count(cfg: Any) -> int:
 
 
 __all__ = [
-    "KVCacheBytes", "kv_cache_bytes", "lisa_parameter_count", "llama_parameter_count", "model_kv_cache_bytes",
-    "stored_cache_bytes",
+    "KVCacheBytes", "base_parameter_count", "kv_cache_bytes", "lisa_parameter_count", "llama_parameter_count",
+    "model_kv_cache_bytes", "stored_cache_bytes",
 ]

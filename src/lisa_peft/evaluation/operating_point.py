@@ -13,22 +13,28 @@ adapter's config and the base model's config (no weights needed):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
 from ..tuners.lisa.model import default_rank
-from .memory import _attention_shape, kv_cache_bytes, lisa_parameter_count, llama_parameter_count
+from .memory import (
+    _attention_shape,
+    base_parameter_count,
+    kv_cache_bytes,
+    lisa_parameter_count,
+    llama_parameter_count,
+)
 
 
 @dataclass(frozen=True)
 class OperatingPoint:
     """The trade of one LiSA adapter (see module docstring); savings are fractions of the base model's."""
 
-    lisa_layers: int
     num_layers: int
-    ranks: dict[int, int]
+    ranks: dict[int, int]  # {LiSA layer: rank}
     head_dim: int
     kv_bytes_per_token_base: int
     kv_bytes_per_token_lisa: int
@@ -36,6 +42,10 @@ class OperatingPoint:
     parameters_base: int
     parameters_compact: int
     fidelity: dict[str, Any] | None
+
+    @property
+    def lisa_layers(self) -> int:
+        return len(self.ranks)
 
     @property
     def fraction(self) -> float:
@@ -62,7 +72,7 @@ class OperatingPoint:
         values = asdict(self)
         values["ranks"] = {str(k): v for k, v in self.ranks.items()}
         values.update(
-            fraction=round(self.fraction, 4), mean_rank=round(self.mean_rank, 3),
+            lisa_layers=self.lisa_layers, fraction=round(self.fraction, 4), mean_rank=round(self.mean_rank, 3),
             qk_compression=round(self.qk_compression, 3), kv_cache_saving=round(self.kv_cache_saving, 4),
             key_cache_saving=round(self.key_cache_saving, 4), parameter_saving=round(self.parameter_saving, 4),
         )
@@ -70,12 +80,9 @@ class OperatingPoint:
 
     def describe(self) -> str:
         """One line: layers, compression, bytes saved, fidelity."""
-        ranks = sorted(set(self.ranks.values()))
-        rank = (f"r = {ranks[0]}" if len(ranks) == 1
-                else f"r = {ranks[0]}-{ranks[-1]} per layer, mean {self.mean_rank:.3g}")
         parts = [
             f"{self.lisa_layers} of {self.num_layers} layers LiSA ({self.fraction:.0%})",
-            f"Q/K compression {self.qk_compression:.2g}x ({rank} of head_dim {self.head_dim})",
+            f"Q/K compression {self.qk_compression:.2g}x (r = {rank_text(self.ranks)} of head_dim {self.head_dim})",
             f"KV cache -{self.kv_cache_saving:.1%} ({self.kv_bytes_per_token_lisa:,} vs "
             f"{self.kv_bytes_per_token_base:,} bytes/token in float16)",
             f"compact model parameters -{self.parameter_saving:.1%}",
@@ -91,6 +98,14 @@ class OperatingPoint:
         return " · ".join(parts)
 
 
+def rank_text(ranks: Mapping[Any, int]) -> str:
+    """The ranks {layer: r} in words: "16", or "8-24 per layer, mean 16" when they differ."""
+    values = sorted(set(ranks.values()))
+    if len(values) == 1:
+        return str(values[0])
+    return f"{values[0]}-{values[-1]} per layer, mean {sum(ranks.values()) / len(ranks):.3g}"
+
+
 def operating_point(config: Any, base_config: Any, base_parameters: int | None = None) -> OperatingPoint:
     """The `OperatingPoint` of a resolved `LisaConfig` on a base model config (or a model with `.config`).
 
@@ -99,8 +114,7 @@ def operating_point(config: Any, base_config: Any, base_parameters: int | None =
     base_config = getattr(base_config, "config", base_config)
     num_layers, heads, kv_heads, head_dim = _attention_shape(base_config)
     layers = list(config.lisa_layers)
-    r = config.r or default_rank(head_dim)
-    ranks = {i: (config.layer_ranks or {}).get(str(i), r) for i in layers}
+    ranks = config.ranks(default_rank(head_dim))
     kv = kv_cache_bytes(base_config, layers, ranks, seq_len=1, dtype=torch.float16)
     keys = kv_cache_bytes(base_config, layers, ranks, seq_len=1, dtype=torch.float16, keys_only=True)
     bias = bool(getattr(base_config, "attention_bias", False))
@@ -108,7 +122,7 @@ def operating_point(config: Any, base_config: Any, base_parameters: int | None =
     dropped = len(layers) * (heads + kv_heads) * head_dim * (base_config.hidden_size + (1 if bias else 0))
     base = base_parameters or llama_parameter_count(base_config)
     return OperatingPoint(
-        lisa_layers=len(layers), num_layers=num_layers, ranks=ranks, head_dim=head_dim,
+        num_layers=num_layers, ranks=ranks, head_dim=head_dim,
         kv_bytes_per_token_base=kv.base, kv_bytes_per_token_lisa=kv.lisa, key_cache_saving=1 - keys.ratio,
         parameters_base=base, parameters_compact=base - dropped + added,
         fidelity=(config.layer_scores or {}).get("fidelity"),
@@ -119,8 +133,7 @@ def model_operating_point(model: Any, adapter_name: str | None = None) -> Operat
     """`operating_point` of a LiSA `PeftModel` (its active adapter unless named), counting the base parameters."""
     adapter_name = adapter_name or model.active_adapter
     base = model.get_base_model()
-    count = sum(p.numel() for name, p in base.named_parameters() if "lisa_" not in name)
-    return operating_point(model.peft_config[adapter_name], base.config, base_parameters=count)
+    return operating_point(model.peft_config[adapter_name], base.config, base_parameters=base_parameter_count(model))
 
 
-__all__ = ["OperatingPoint", "model_operating_point", "operating_point"]
+__all__ = ["OperatingPoint", "model_operating_point", "operating_point", "rank_text"]

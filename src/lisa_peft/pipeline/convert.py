@@ -29,6 +29,7 @@ from peft import PeftModel, get_peft_model
 from tqdm.auto import tqdm
 
 from ..tuners.lisa import LisaConfig
+from ..tuners.lisa.config import base_model_shape
 from ..tuners.lisa.layer import ROLE_ANCHOR, ROLE_LISA, LisaAttention
 from ..tuners.lisa.model import add_forward_state, backbone, default_rank
 from . import calibration as C
@@ -41,8 +42,7 @@ SELECT_LAYERS_BY = ("loss", "output_kl")  # what `lisa_layers="auto"` ranks the 
 
 def _resolve_shape_defaults(config: LisaConfig, model_config) -> LisaConfig:
     resolved = copy.deepcopy(config)
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    resolved.r = resolved.r or default_rank(head_dim)
+    resolved.r = resolved.r or default_rank(base_model_shape(model_config)["head_dim"])
     resolved.ffn_hidden = resolved.ffn_hidden or 2 * model_config.num_attention_heads
     return resolved
 
@@ -167,6 +167,12 @@ def choose_layers(scores: dict[int, float], num_layers: int, fraction: float) ->
     return sorted(sorted(scores, key=scores.__getitem__)[:k])
 
 
+def _sensitivity_record(sensitivity: dict[str, dict[int, float]]) -> dict[str, dict[str, float]]:
+    """`layer_scores` entries for `layer_sensitivity`'s scores: {"sensitivity_<kind>": {layer: score}}."""
+    return {f"sensitivity_{kind}": {str(k): float(f"{v:.6g}") for k, v in values.items()}
+            for kind, values in sensitivity.items()}
+
+
 def allocate_ranks(scores: dict[int, float], r: int, head_dim: int) -> dict[int, int]:
     """{layer: even rank} sharing the budget r x len(scores) in proportion to `scores` (sensitivity).
 
@@ -238,8 +244,7 @@ def convert(
         sensitivity = layer_sensitivity(model, inputs, probe_ids, config, progress=progress,
                                         fit_steps=sensitivity_fit_steps, fit_lr=layerwise_lr)
         config.lisa_layers = choose_layers(sensitivity[select_layers_by], num_layers, config.target_fraction)
-        for kind, values in sensitivity.items():
-            scores_record[f"sensitivity_{kind}"] = {str(k): float(f"{v:.6g}") for k, v in values.items()}
+        scores_record.update(_sensitivity_record(sensitivity))
         logger.info("lisa_layers='auto' chose %s", config.lisa_layers)
 
     if config.rank_allocation == "sensitivity" and not config.layer_ranks:
@@ -248,11 +253,9 @@ def convert(
             sensitivity = layer_sensitivity(model, inputs, probe_ids, config, progress=progress,
                                             fit_steps=sensitivity_fit_steps, fit_lr=layerwise_lr,
                                             candidates=list(config.lisa_layers))
-            for kind, values in sensitivity.items():
-                scores_record[f"sensitivity_{kind}"] = {str(k): float(f"{v:.6g}") for k, v in values.items()}
+            scores_record.update(_sensitivity_record(sensitivity))
         resolved = _resolve_shape_defaults(config, model.config)
-        heads = model.config.num_attention_heads
-        head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // heads
+        head_dim = base_model_shape(model.config)["head_dim"]
         by_layer = {idx: sensitivity["output_kl"][idx] for idx in config.lisa_layers}
         ranks = allocate_ranks(by_layer, resolved.r, head_dim)
         config.r = resolved.r

@@ -59,10 +59,10 @@ def reload_adapter(base_model_id: str, source: str, revision: str | None = None)
 def _compression_row(point: dict[str, Any] | None) -> list[tuple[str, str]]:
     if not point:
         return []
-    ranks = sorted(set(point["ranks"].values()))
-    rank = f"r = {ranks[0]}" if len(ranks) == 1 else f"r = {ranks[0]}-{ranks[-1]} per layer, mean {point['mean_rank']}"
+    from ..evaluation.operating_point import rank_text
+
     return [("Q/K compression of the LiSA layers (head_dim / r)",
-             f"{point['qk_compression']:.2f}x ({rank}, head_dim {point['head_dim']})")]
+             f"{point['qk_compression']:.2f}x (r = {rank_text(point['ranks'])}, head_dim {point['head_dim']})")]
 
 
 def summary_table(summary: dict[str, Any]) -> str:

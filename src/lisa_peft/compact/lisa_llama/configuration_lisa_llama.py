@@ -75,7 +75,7 @@ class LisaLlamaConfig(LlamaConfig):
             problems.append(f"lisa_rotary_planes has no entry for layers {missing}")
         kv_heads, head_dim = self.num_key_value_heads, self.lisa_head_dim
         for key, planes in sorted(self.lisa_rotary_planes.items()):
-            half = self.lisa_rank_of(int(key)) // 2 if key.isdigit() and isinstance(self.lisa_r, int) else 0
+            half = self.lisa_rank_of(int(key)) // 2 if key.isdigit() else 0
             values = [v for row in planes for v in row]
             if len(planes) != kv_heads or any(len(row) != half for row in planes) or not all(
                 isinstance(v, int) and 0 <= v < head_dim // 2 for v in values

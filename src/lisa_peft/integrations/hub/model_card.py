@@ -121,11 +121,9 @@ def _as_config(base_model_config: Any) -> Any:
 
 
 def _base_parameter_count(model: Any, cfg: Any) -> int:
-    if model is not None:
-        return sum(p.numel() for n, p in model.get_base_model().named_parameters() if "lisa_" not in n)
-    from ...evaluation.memory import llama_parameter_count
+    from ...evaluation.memory import base_parameter_count, llama_parameter_count
 
-    return llama_parameter_count(cfg)
+    return base_parameter_count(model) if model is not None else llama_parameter_count(cfg)
 
 
 def _base_name(config: Any, model: Any, cfg: Any) -> str | None:
@@ -276,9 +274,8 @@ def render_model_card(
         base_model_config = model.get_base_model().config
     cfg = _as_config(base_model_config)
     shape = base_model_shape(cfg)
-    r = config.r or default_rank(shape["head_dim"])
     lisa = sorted(config.lisa_layers)
-    ranks = {i: (config.layer_ranks or {}).get(str(i), r) for i in lisa}
+    ranks = config.ranks(default_rank(shape["head_dim"]))
     rows = _eval_rows(eval_results or fidelity_eval_results(config))
 
     name = _base_name(config, model, cfg)
@@ -328,14 +325,16 @@ def render_model_card(
 
 def rank_summary(ranks: dict[int, int], head_dim: int) -> dict[str, Any]:
     """Card fields for the low-rank Q/K widths {layer: r}: "r" (text), "planes", "compression", "per_layer"."""
+    from ...evaluation.operating_point import rank_text
+
     values = sorted(set(ranks.values()))
     mean = sum(ranks.values()) / len(ranks)
     if len(values) == 1:
         return {"r": values[0], "planes": values[0] // 2, "compression": head_dim / values[0], "per_layer": None,
                 "r_label": str(values[0])}
     per_layer = ", ".join(f"{i}: {rank}" for i, rank in sorted(ranks.items()))
-    return {"r": f"{values[0]}-{values[-1]} per layer (mean {mean:.3g})", "planes": "r/2",
-            "compression": head_dim / mean, "per_layer": per_layer, "r_label": f"{mean:.3g} (mean)"}
+    return {"r": rank_text(ranks), "planes": "r/2", "compression": head_dim / mean, "per_layer": per_layer,
+            "r_label": f"{mean:.3g} (mean)"}
 
 
 # ---------------------------------------------------------------------------------------------- updating

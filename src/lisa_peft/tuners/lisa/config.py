@@ -184,17 +184,19 @@ class LisaConfig(PeftConfig):
             self.layer_ranks, self.r = dict(self.r), None
         self._validate()
 
-    def rank_of(self, layer_idx: int) -> int:
-        """The rank of LiSA layer `layer_idx`: its `layer_ranks` entry, else `r` (resolved at injection)."""
+    def rank_of(self, layer_idx: int, default: int | None = None) -> int:
+        """The rank of LiSA layer `layer_idx`: its `layer_ranks` entry, else `r` (resolved at injection),
+        else `default` (e.g. `default_rank(head_dim)` for a config that was never injected)."""
         if self.layer_ranks and str(layer_idx) in self.layer_ranks:
             return self.layer_ranks[str(layer_idx)]
-        if self.r is None:
+        rank = self.r if self.r is not None else default
+        if rank is None:
             raise ValueError("`r` is not resolved yet: it gets its default when the adapter is injected.")
-        return self.r
+        return rank
 
-    def ranks(self) -> dict[int, int]:
-        """{LiSA layer: rank} for every LiSA layer (after injection)."""
-        return {i: self.rank_of(i) for i in self.lisa_layers}
+    def ranks(self, default: int | None = None) -> dict[int, int]:
+        """{LiSA layer: rank} for every LiSA layer; `default` as in `rank_of`."""
+        return {i: self.rank_of(i, default) for i in self.lisa_layers}
 
     def _validate(self) -> None:
         if self.lisa_layers is None:
