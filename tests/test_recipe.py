@@ -86,6 +86,9 @@ def test_run_recipe_end_to_end_and_resume(tiny_setup):
     assert point["lisa_layers"] == 3 and point["fraction"] == round(3 / point["num_layers"], 4)
     assert point["qk_compression"] > 1 and 0 < point["kv_cache_saving"] < 1
     assert point["fidelity"]["ppl_ratio"] == recorded["ppl_ratio"]
+    seconds = saved["seconds"]  # wall time per stage, in the order they ran, and the total
+    assert list(seconds) == ["load_model", "data", "conversion", "teacher", "training", "evaluation", "total"]
+    assert all(v >= 0 for v in seconds.values()) and sum(seconds.values()) - seconds["total"] <= seconds["total"] + 0.5
     card = (out / "adapter" / "README.md").read_text()
     assert f"**Operating point:** 3 of {point['num_layers']} layers LiSA" in card
     assert "KL(base ‖ LiSA)" in card and "measure domain\nadaptation" in card and str(recorded["kl"]) in card
@@ -177,6 +180,7 @@ def test_two_process_ddp_run_with_accelerate(tiny_setup, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["train_steps"] == 6
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert "\nwall time: " in result.stdout and "\noperating point: " in result.stdout
 
 
 def test_held_out_text_from_the_training_source_is_labelled_in_domain(tmp_path):

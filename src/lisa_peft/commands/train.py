@@ -37,5 +37,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(resolve_recipe(args.recipe), args.overrides)
     summary = run_recipe(recipe, progress=not args.quiet, resume=not args.no_resume)
     print(json.dumps({k: v for k, v in summary.items() if k not in ("model", "eval_windows", "tokenizer")}, indent=2))
+    seconds = summary["seconds"]
+    stages = ", ".join(f"{name} {value / 60:.1f}" for name, value in seconds.items() if name != "total")
+    print(f"wall time: {seconds['total'] / 60:.1f} min ({stages})")
     print("operating point: " + model_operating_point(summary["model"]).describe())
     return 0

@@ -50,6 +50,7 @@ import json
 import logging
 import os
 import re
+import time
 import types
 import typing
 import warnings
@@ -690,6 +691,19 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+class StageClock:
+    """Wall-clock seconds per stage of a run: `lap(name)` records the time since the previous lap."""
+
+    def __init__(self) -> None:
+        self.start = self._last = time.monotonic()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.seconds[name] = round(now - self._last, 1)
+        self._last = now
+
+
 def run_recipe(recipe: dict[str, Any], progress: bool = True, resume: bool | str = True) -> dict[str, Any]:
     """Run a recipe end to end.
 
@@ -703,6 +717,7 @@ def run_recipe(recipe: dict[str, Any], progress: bool = True, resume: bool | str
 
     recipe = copy.deepcopy(recipe)
     validate_recipe(recipe)
+    clock = StageClock()
     training = training_settings(recipe, progress)
     output_dir = Path(training["output_dir"])
     init_dir = output_dir / INIT_ADAPTER_DIR
@@ -714,9 +729,12 @@ def run_recipe(recipe: dict[str, Any], progress: bool = True, resume: bool | str
     # up, an FSDP launch (cpu_ram_efficient_loading) would give every rank but the first empty weights.
     args = transformers.TrainingArguments(**training)
     model.to(args.device)
+    clock.lap("load_model")
     data = prepare_data(tokenizer, recipe, model=model, progress=progress)
+    clock.lap("data")
     train, evaluation, eval_name = data["train"], data["eval"], data["eval_name"]
-    summary: dict[str, Any] = {"heldout_text": eval_name, "in_domain_eval": data["in_domain"], "fidelity": {}}
+    summary: dict[str, Any] = {"heldout_text": eval_name, "in_domain_eval": data["in_domain"], "fidelity": {},
+                               "seconds": clock.seconds}
 
     def stage_fidelity(stage: str, lisa_model) -> dict[str, Any]:
         report = measure_fidelity(lisa_model, evaluation, eval_name, progress=progress).as_dict()
@@ -725,6 +743,7 @@ def run_recipe(recipe: dict[str, Any], progress: bool = True, resume: bool | str
 
     peft_model = build_lisa_model(model, tokenizer, recipe, output_dir, progress, stage_fidelity, train,
                                   reuse=bool(resume))
+    clock.lap("conversion")
     stages = (peft_model.peft_config["default"].layer_scores or {}).get("stages", {})
     for stage, figures in stages.items():  # a reused converted adapter: its recorded figures
         summary["fidelity"].setdefault(stage, {"text": eval_name, **figures})
@@ -737,6 +756,7 @@ def run_recipe(recipe: dict[str, Any], progress: bool = True, resume: bool | str
     teacher = None
     if topk > 0 and distill_weight > 0:
         teacher = cache_teacher_topk(peft_model, train, k=topk, progress=progress)
+    clock.lap("teacher")
     trainer = LisaTrainer(
         model=peft_model,
         args=args,
@@ -746,6 +766,7 @@ def run_recipe(recipe: dict[str, Any], progress: bool = True, resume: bool | str
     )
     checkpoint = resume if isinstance(resume, str) else (_last_checkpoint(output_dir) if resume else None)
     result = trainer.train(resume_from_checkpoint=checkpoint)
+    clock.lap("training")
     summary["train_loss"] = result.training_loss
     summary["train_steps"] = trainer.state.global_step
     summary["world_size"] = trainer.args.world_size
@@ -761,6 +782,8 @@ def run_recipe(recipe: dict[str, Any], progress: bool = True, resume: bool | str
         summary["zero_shot"] = measure_zero_shot(peft_model, tokenizer, zero_shot, progress)
     record_fidelity(peft_model, summary)
     summary["operating_point"] = model_operating_point(peft_model).as_dict()
+    clock.lap("evaluation")
+    clock.seconds["total"] = round(time.monotonic() - clock.start, 1)
     if trainer.is_world_process_zero():
         peft_model.save_pretrained(output_dir / FINAL_ADAPTER_DIR)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
