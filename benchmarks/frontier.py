@@ -17,9 +17,15 @@ For SmolLM2-135M-Instruct (the embedded demo model):
 5. ``--speed``: per cell, greedy `generate` tokens/s of the LiSA model against the same model with its
    adapter disabled, interleaved repeats (median and spread). Run it alone on the machine.
 6. ``--report``: the table (markdown) and the plot (saving on x, fidelity on y, one line per fraction).
-Ablation: ``--rank-allocation sensitivity`` runs the same cells with `LisaConfig(rank_allocation="sensitivity")`
-(the same rank budget, shared out by each layer's measured output KL inside `lisa_peft.convert`); those rows
-are marked and shown as their own table rows, and as crosses in the plot.
+Ablations change one thing against the frontier's cells (`VARIANT_DEFAULTS`); their rows are marked, shown as
+their own table rows and as black markers in the plot:
+* ``--rank-allocation sensitivity``: `LisaConfig(rank_allocation="sensitivity")`, the same rank budget shared out
+  by each layer's measured output KL inside `lisa_peft.convert`;
+* ``--layer-search greedy``: the layers of `lisa_peft.pipeline.convert.greedy_layers` (added one at a time given
+  those already chosen, over the probe's fitted layers) instead of the least sensitive ones alone;
+* ``--distill sequence``: the end-to-end stage on cross-entropy of the base model's own generations
+  (sequence-level distillation) instead of the top-64 KL;
+* ``--steps N`` / ``--lr X``: the length and the learning rate of the end-to-end stage.
 
     python benchmarks/frontier.py --heldout-dir DIR --arc DIR/arc_easy_dev.jsonl --speed --report
 
@@ -47,7 +53,12 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 
 from benchmarks.fidelity import HELDOUT_DIR_ENV, RESULTS, held_out_sets  # noqa: E402
 
-PROTOCOL_KEYS = ("calibration", "layerwise_steps", "steps", "lr", "probe_r", "arc_limit", "sampled")
+PROTOCOL_KEYS = ("calibration", "layerwise_steps", "probe_r", "arc_limit", "sampled")
+PROBE_KEYS = ("calibration", "probe_r", "sampled")  # what the layer probe (and the greedy search) depend on
+# What an ablation row changes against the frontier's own cells (missing from a row: the default).
+VARIANT_DEFAULTS = {"allocation": "uniform", "search": "single", "distill": "topk", "steps": 30, "lr": 5e-4}
+VARIANT_CHOICES = {"allocation": ("uniform", "sensitivity"), "search": ("single", "greedy"),
+                   "distill": ("topk", "sequence")}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,14 +68,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--calibration", type=int, default=64, help="calibration windows (first 128 tokens)")
     parser.add_argument("--sampled", type=int, default=128, help="sampled training windows of 256 tokens")
     parser.add_argument("--layerwise-steps", type=int, default=200)
-    parser.add_argument("--steps", type=int, default=30, help="end-to-end distillation steps (batch 4)")
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--steps", type=int, default=VARIANT_DEFAULTS["steps"],
+                        help="end-to-end distillation steps (batch 4)")
+    parser.add_argument("--lr", type=float, default=VARIANT_DEFAULTS["lr"], help="end-to-end learning rate")
+    parser.add_argument("--distill", choices=VARIANT_CHOICES["distill"], default=VARIANT_DEFAULTS["distill"],
+                        help="end-to-end loss: top-64 KL to the base model, or cross-entropy on the base model's "
+                        "own generations (sequence-level distillation)")
+    parser.add_argument("--layer-search", dest="search", choices=VARIANT_CHOICES["search"],
+                        default=VARIANT_DEFAULTS["search"],
+                        help="layer choice: each layer scored alone, or greedy given the layers already chosen")
     parser.add_argument("--probe-r", type=int, default=16, help="rank the shared layer probe runs at")
     parser.add_argument("--heldout-dir", default=None, help=f"folder with tinyshakespeare.txt (or ${HELDOUT_DIR_ENV})")
     parser.add_argument("--arc", default=None, help="ARC-style JSON-lines file for zero-shot acc_norm")
     parser.add_argument("--arc-limit", type=int, default=300)
-    parser.add_argument("--rank-allocation", choices=("uniform", "sensitivity"), default="uniform",
+    parser.add_argument("--rank-allocation", dest="allocation", choices=VARIANT_CHOICES["allocation"],
+                        default=VARIANT_DEFAULTS["allocation"],
                         help="LisaConfig.rank_allocation of the cells (sensitivity: the per-layer rank ablation)")
+    parser.add_argument("--ablations", nargs="+", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="more variants to run in the same process, each against the defaults: "
+                        f"keys {', '.join(VARIANT_DEFAULTS)} (e.g. search=greedy distill=sequence lr=0.002 steps=90)")
     parser.add_argument("--speed", action="store_true", help="measure decode tokens/s ratios (run alone)")
     parser.add_argument("--speed-only", action="store_true", help="skip the fidelity cells")
     parser.add_argument("--report", action="store_true", help="write the table and the plot")
@@ -75,9 +97,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def protocol(args: argparse.Namespace) -> dict:
+def protocol(args: argparse.Namespace, keys: tuple[str, ...] = PROTOCOL_KEYS) -> dict:
     """The settings every cell shares; rows with another protocol are not reused."""
-    return {key: getattr(args, key) for key in PROTOCOL_KEYS}
+    return {key: getattr(args, key) for key in keys}
+
+
+def variant(args: argparse.Namespace) -> dict:
+    """What this run's cells change against the frontier's own (`VARIANT_DEFAULTS`)."""
+    return {key: getattr(args, key) for key in VARIANT_DEFAULTS}
+
+
+def parse_ablation(text: str) -> dict:
+    """'search=greedy,lr=0.002' -> the defaults with those values (types and choices checked)."""
+    choices = VARIANT_CHOICES
+    var = dict(VARIANT_DEFAULTS)
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or key not in VARIANT_DEFAULTS:
+            raise SystemExit(f"--ablations {text!r}: expected KEY=VALUE with KEY one of {', '.join(VARIANT_DEFAULTS)}.")
+        try:
+            var[key] = type(VARIANT_DEFAULTS[key])(value)
+        except ValueError:
+            raise SystemExit(f"--ablations {text!r}: {key} takes a {type(VARIANT_DEFAULTS[key]).__name__}.") from None
+        if key in choices and value not in choices[key]:
+            raise SystemExit(f"--ablations {text!r}: {key} is one of {', '.join(choices[key])}.")
+    return var
+
+
+def variant_label(row: dict) -> str:
+    """'' for a frontier cell, else what the ablation row changes, e.g. 'greedy layers, lr 0.002'."""
+    values = {**VARIANT_DEFAULTS, **row}
+    parts = []
+    if values["allocation"] == "sensitivity":
+        parts.append("per layer by sensitivity")
+    if values["search"] == "greedy":
+        parts.append("greedy layers")
+    if values["distill"] == "sequence":
+        parts.append("sequence-level distillation")
+    if values["steps"] != VARIANT_DEFAULTS["steps"]:
+        parts.append(f"{values['steps']} e2e steps")
+    if values["lr"] != VARIANT_DEFAULTS["lr"]:
+        parts.append(f"lr {values['lr']:g}")
+    return ", ".join(parts)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -93,9 +154,9 @@ def append_row(path: Path, row: dict) -> None:
 
 
 def find_row(rows: list[dict], kind: str, proto: dict, **keys) -> dict | None:
-    """The row of this kind and protocol whose keys match (a row without "allocation" is a uniform one)."""
+    """The row of this kind and protocol whose keys match (a key missing from a row: `VARIANT_DEFAULTS`)."""
     for row in rows:
-        values = {"allocation": "uniform", **row}
+        values = {**VARIANT_DEFAULTS, **row}
         matches = all(values.get(k) == v for k, v in keys.items())
         if row.get("kind") == kind and row.get("protocol") == proto and matches:
             return row
@@ -111,17 +172,24 @@ def frozen_base():
     return model, tokenizer
 
 
-def probe_order(args, proto, rows, path, model, calibration) -> list[int]:
-    """Candidate layers, least sensitive first (one probe shared by every cell)."""
+def _probe(args, model, calibration, probes: dict | None = None) -> dict[int, float]:
+    """Every candidate layer's LM-loss increase as the only LiSA layer (fitted probes kept in `probes`)."""
     from lisa_peft import LisaConfig
     from lisa_peft.pipeline import calibration as C
     from lisa_peft.pipeline.convert import layer_sensitivity
 
+    inputs = C.capture_attention_inputs(model, calibration)
+    config = LisaConfig(lisa_layers="auto", target_fraction=0.5, init_lisa_weights="calibrate", r=args.probe_r)
+    return layer_sensitivity(model, inputs, calibration[:16], config, fit_steps=100, fit_lr=3e-3,
+                             probes=probes)["loss"]
+
+
+def probe_order(args, rows, path, model, calibration) -> list[int]:
+    """Candidate layers, least sensitive first (one probe shared by every cell)."""
+    proto = protocol(args, PROBE_KEYS)
     found = find_row(rows, "probe", proto)
     if found is None:
-        inputs = C.capture_attention_inputs(model, calibration)
-        config = LisaConfig(lisa_layers="auto", target_fraction=0.5, init_lisa_weights="calibrate", r=args.probe_r)
-        scores = layer_sensitivity(model, inputs, calibration[:16], config, fit_steps=100, fit_lr=3e-3)["loss"]
+        scores = _probe(args, model, calibration)
         found = {"kind": "probe", "protocol": proto, "loss": {str(k): v for k, v in scores.items()}}
         append_row(path, found)
         rows.append(found)
@@ -129,10 +197,35 @@ def probe_order(args, proto, rows, path, model, calibration) -> list[int]:
     return sorted(scores, key=scores.__getitem__)
 
 
-def distill(lisa, train: torch.Tensor, teacher, steps: int, lr: float) -> None:
-    """`steps` AdamW steps of top-64 distillation to the base model (batch 4, 10 warm-up steps, cosine).
+def greedy_order(args, rows, path, model, calibration, count: int) -> list[int]:
+    """The first `count` layers of the greedy search (`lisa_peft.pipeline.convert.greedy_layers`) over the
+    probe's fitted layers, in pick order: each fraction's set is a prefix, so the sets are nested here too."""
+    from lisa_peft import LisaConfig
+    from lisa_peft.pipeline.convert import greedy_layers
 
-    teacher: the base model's top-64 log-probabilities on `train` [N, T] (`teacher_topk`), shared by all cells.
+    proto = protocol(args, PROBE_KEYS)
+    found = next((row for row in rows if row.get("kind") == "greedy" and row.get("protocol") == proto
+                  and len(row["order"]) >= count), None)
+    if found is None:
+        probes: dict = {}
+        scores = _probe(args, model, calibration, probes)
+        config = LisaConfig(lisa_layers="auto", target_fraction=0.5, r=args.probe_r)
+        if find_row(rows, "probe", proto) is None:  # the same probe: recorded, not run twice
+            probe = {"kind": "probe", "protocol": proto, "loss": {str(k): v for k, v in scores.items()}}
+            append_row(path, probe)
+            rows.append(probe)
+        search = greedy_layers(model, probes, scores, calibration[:16], config, count, by="loss")
+        found = {"kind": "greedy", "protocol": proto, **search}
+        append_row(path, found)
+        rows.append(found)
+    return found["order"][:count]
+
+
+def distill(lisa, train: torch.Tensor, teacher, steps: int, lr: float, loss: str = "topk") -> None:
+    """`steps` AdamW steps of distillation to the base model (batch 4, 10 warm-up steps, cosine).
+
+    loss "topk": KL to the base model's top-64 log-probabilities on `train` [N, T] (`teacher`, `teacher_topk`,
+    shared by all cells); "sequence": cross-entropy on `train` itself, the base model's own generations.
     """
     from lisa_peft.pipeline.training import topk_distillation_kl
 
@@ -149,10 +242,13 @@ def distill(lisa, train: torch.Tensor, teacher, steps: int, lr: float) -> None:
     lisa.train()
     for _ in range(steps):
         pick = torch.randint(0, train.shape[0], (4,), generator=generator)
-        logits = lisa(train[pick], use_cache=False).logits
-        loss = topk_distillation_kl(logits, teacher.logprobs[pick], teacher.ids[pick])
+        if loss == "sequence":
+            value = lisa(train[pick], labels=train[pick], use_cache=False).loss
+        else:
+            logits = lisa(train[pick], use_cache=False).logits
+            value = topk_distillation_kl(logits, teacher.logprobs[pick], teacher.ids[pick])
         optimizer.zero_grad()
-        loss.backward()
+        value.backward()
         optimizer.step()
         schedule.step()
     lisa.eval()
@@ -160,7 +256,7 @@ def distill(lisa, train: torch.Tensor, teacher, steps: int, lr: float) -> None:
         p.requires_grad_(False)
 
 
-def run_cell(args, proto, fraction, r, layers, model, tokenizer, sets, calibration, train, teacher, questions,
+def run_cell(args, proto, var, fraction, r, layers, model, tokenizer, sets, calibration, train, teacher, questions,
              base_arc):
     from lisa_peft import LisaConfig
     from lisa_peft.compact.lisa_llama.sizes import compact_sizes
@@ -172,14 +268,13 @@ def run_cell(args, proto, fraction, r, layers, model, tokenizer, sets, calibrati
     start = time.monotonic()
     torch.manual_seed(0)
     base = copy.deepcopy(model)
-    config = LisaConfig(lisa_layers=layers, init_lisa_weights="calibrate", r=r, rank_allocation=args.rank_allocation)
+    config = LisaConfig(lisa_layers=layers, init_lisa_weights="calibrate", r=r, rank_allocation=var["allocation"])
     lisa = convert(base, tokenizer, config, calibration_ids=calibration, layerwise_steps=args.layerwise_steps,
                    layerwise_lr=3e-3, progress=False)
-    distill(lisa, train, teacher, args.steps, args.lr)
+    distill(lisa, train, teacher, var["steps"], var["lr"], var["distill"])
     row = {"kind": "cell", "protocol": proto, "fraction": fraction, "r": r, "lisa_layers": layers,
-           "num_layers": model.config.num_hidden_layers}
-    if args.rank_allocation != "uniform":
-        row["allocation"] = args.rank_allocation
+           "num_layers": model.config.num_hidden_layers, **var}
+    if var["allocation"] != "uniform":
         row["layer_ranks"] = lisa.peft_config["default"].layer_ranks
     for text, windows in sets.items():
         f = measure_fidelity(lisa, windows, text, batch_size=8)
@@ -231,7 +326,7 @@ def measure_speed(model, tokenizer, layers: list[int], r: int, repeats: int) -> 
 def report(rows: list[dict], proto: dict, plot: Path | None) -> str:
     """The markdown table of every cell of this protocol (and the plot, when matplotlib is installed)."""
     cells = sorted((r for r in rows if r.get("kind") == "cell" and r.get("protocol") == proto),
-                   key=lambda r: (r["fraction"], r["r"], "allocation" in r))
+                   key=lambda r: (r["fraction"], r["r"], variant_label(r) != "", variant_label(r)))
     speeds = {(r["fraction"], r["r"]): r["speed"]
               for r in rows if r.get("kind") == "speed" and r.get("protocol") == proto}
     texts = [t for t in ("pydoc", "shakespeare") if any(t in c for c in cells)]
@@ -240,9 +335,10 @@ def report(rows: list[dict], proto: dict, plot: Path | None) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for c in cells:
         arc = c.get("arc_easy")
-        speed = speeds.get((c["fraction"], c["r"])) if "allocation" not in c else None
-        by = " per layer by sensitivity" if c.get("allocation") == "sensitivity" else ""
-        cols = [f"{len(c['lisa_layers'])} / {c['num_layers']}", f"{c['r']}{by} ({c['qk_compression']:.1f}x)",
+        label = variant_label(c)
+        speed = None if label else speeds.get((c["fraction"], c["r"]))
+        cols = [f"{len(c['lisa_layers'])} / {c['num_layers']}",
+                f"{c['r']}{' ' + label if label else ''} ({c['qk_compression']:.1f}x)",
                 f"{100 * c['kv_bytes_per_token_fp16']['saving']:.1f} %",
                 f"{100 * c['compact_bytes_fp32']['saving']:.1f} %"]
         cols += [f"{c[t]['ppl_ratio']:.3f} / {c[t]['kl']:.3f}" if t in c else "—" for t in texts]
@@ -267,7 +363,7 @@ def draw(cells: list[dict], texts: list[str], path: Path) -> None:
     fig, axes = plt.subplots(1, len(texts), figsize=(5.5 * len(texts), 4.2), squeeze=False)
     for ax, text in zip(axes[0], texts):
         for fraction in sorted({c["fraction"] for c in cells}):
-            mine = sorted((c for c in cells if c["fraction"] == fraction and text in c and "allocation" not in c),
+            mine = sorted((c for c in cells if c["fraction"] == fraction and text in c and not variant_label(c)),
                           key=lambda c: c["kv_bytes_per_token_fp16"]["saving"])
             if not mine:
                 continue
@@ -276,11 +372,11 @@ def draw(cells: list[dict], texts: list[str], path: Path) -> None:
             ax.plot(xs, ys, marker="o", label=f"{len(mine[0]['lisa_layers'])}/{mine[0]['num_layers']} layers")
             for c, x, y in zip(mine, xs, ys):
                 ax.annotate(f"r={c['r']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ablation = [c for c in cells if c.get("allocation") == "sensitivity" and text in c]
-        if ablation:
+        labels = sorted({variant_label(c) for c in cells if text in c} - {""})
+        for label, marker in zip(labels, "xs^vDP*"):
+            ablation = [c for c in cells if variant_label(c) == label and text in c]
             ax.scatter([100 * c["kv_bytes_per_token_fp16"]["saving"] for c in ablation],
-                       [c[text]["ppl_ratio"] for c in ablation], marker="x", color="black",
-                       label="rank per layer by sensitivity")
+                       [c[text]["ppl_ratio"] for c in ablation], marker=marker, color="black", label=label)
         ax.axhline(1.05, color="grey", linestyle=":", linewidth=1)
         ax.set_xlabel("KV cache saved per token (%)")
         ax.set_ylabel(f"perplexity ratio LiSA / base ({text}, held out)")
@@ -306,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[HELDOUT_DIR_ENV] = args.heldout_dir
     if args.arc and not Path(args.arc).is_file():
         raise SystemExit(f"--arc {args.arc}: no such file (an ARC-style JSON-lines file, e.g. arc_easy_dev.jsonl).")
+    variants = [variant(args)] + [parse_ablation(text) for text in args.ablations]
+    if (args.speed or args.speed_only) and variant(args) != VARIANT_DEFAULTS:
+        raise SystemExit("--speed measures the frontier's own cells: run it without the ablation options.")
     for fraction in args.fractions:
         if not 0 < fraction < 1:
             raise SystemExit(f"--fractions: {fraction} is not a fraction of the layers in (0, 1).")
@@ -317,25 +416,34 @@ def main(argv: list[str] | None = None) -> int:
     num_layers = model.config.num_hidden_layers
     data = sampled_windows(model, tokenizer, max(args.sampled, args.calibration), 256)
     calibration, train = data[: args.calibration, :128], data[: args.sampled]
-    order = probe_order(args, proto, rows, path, model, calibration)
 
-    def layers_for(fraction: float) -> list[int]:
-        return sorted(order[: max(1, min(len(order), round(fraction * num_layers)))])
+    def count(fraction: float) -> int:
+        return max(1, round(fraction * num_layers))
+
+    orders = {}
+    if any(var["search"] == "greedy" for var in variants):  # first: its probe run records the probe's row too
+        orders["greedy"] = greedy_order(args, rows, path, model, calibration, max(count(f) for f in args.fractions))
+    orders["single"] = probe_order(args, rows, path, model, calibration)
+
+    def layers_for(fraction: float, search: str = "single") -> list[int]:
+        return sorted(orders[search][: count(fraction)])
 
     if not args.speed_only:
         sets = held_out_sets(tokenizer)
         questions = load_multiple_choice_jsonl(args.arc, limit=args.arc_limit) if args.arc else []
         base_arc = zero_shot_accuracy(model, tokenizer, questions) if questions else None
-        teacher = teacher_topk(model, train, k=64, batch_size=8) if args.steps > 0 else None
-        for fraction in args.fractions:
-            for r in args.ranks:
-                if find_row(rows, "cell", proto, fraction=fraction, r=r, allocation=args.rank_allocation):
-                    continue
-                row = run_cell(args, proto, fraction, r, layers_for(fraction), model, tokenizer, sets,
-                               calibration, train, teacher, questions, base_arc)
-                print(json.dumps(row), flush=True)
-                append_row(path, row)
-                rows.append(row)
+        needs_teacher = any(var["steps"] > 0 and var["distill"] == "topk" for var in variants)
+        teacher = teacher_topk(model, train, k=64, batch_size=8) if needs_teacher else None
+        for var in variants:
+            for fraction in args.fractions:
+                for r in args.ranks:
+                    if find_row(rows, "cell", proto, fraction=fraction, r=r, **var):
+                        continue
+                    row = run_cell(args, proto, var, fraction, r, layers_for(fraction, var["search"]), model,
+                                   tokenizer, sets, calibration, train, teacher, questions, base_arc)
+                    print(json.dumps(row), flush=True)
+                    append_row(path, row)
+                    rows.append(row)
     if args.speed or args.speed_only:
         for fraction in args.fractions:
             for r in args.ranks:

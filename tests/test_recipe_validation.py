@@ -134,6 +134,7 @@ def test_a_number_that_yaml_reads_as_text_gets_the_fix(tmp_path):
         ("data.train", "sampeld", "'sampeld' is not a file; .* did you mean 'sampled'"),
         ("data.train", ["missing.txt"], "'missing.txt' is not a file"),
         ("calibration.select_layers_by", "kl", "must be one of 'loss', 'output_kl', got 'kl'"),
+        ("calibration.layer_search", "greedyy", "one of 'single', 'greedy', got 'greedyy'; did you mean 'greedy'"),
         ("calibration.layerwise_lr", 0, "must be > 0, got 0"),
         ("distill_weight", 1.5, "must be in \\[0.0, 1.0\\], got 1.5"),
         ("dtype", "fp16", "must be one of 'float32', 'bfloat16', 'float16', got 'fp16'"),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -38,6 +38,7 @@ from .training import TeacherTopK, teacher_topk, topk_distillation_kl
 
 logger = logging.getLogger(__name__)
 SELECT_LAYERS_BY = ("loss", "output_kl")  # what `lisa_layers="auto"` ranks the candidate layers by
+LAYER_SEARCH = ("single", "greedy")  # each candidate scored alone, or added one at a time given those chosen
 
 
 def _resolve_shape_defaults(config: LisaConfig, model_config) -> LisaConfig:
@@ -60,21 +61,28 @@ def lm_loss(model, input_ids: torch.Tensor, batch_size: int = 4) -> float:
 
 
 @contextmanager
-def _single_lisa_layer(model, idx: int, probe: LisaAttention, config: LisaConfig) -> Iterator[None]:
-    """Temporarily run `model` with layer idx replaced by `probe` (adapter "probe") and its anchor."""
+def _lisa_layer_set(model, probes: Mapping[int, LisaAttention], config: LisaConfig) -> Iterator[None]:
+    """Temporarily run `model` with each layer idx of `probes` replaced by its probe (adapter "probe"), and each
+    previous layer that is not a probe itself by an anchor: a probe after a probe reads the fitted logits."""
     layers = C.decoder_layers(model)
-    original_prev, original = layers[idx - 1].self_attn, layers[idx].self_attn
-    anchor = LisaAttention(C.base_attention(layers[idx - 1]), idx - 1)
-    anchor.update_layer("probe", ROLE_ANCHOR, config)
-    for module in (anchor, probe):
-        module.set_adapter("probe", inference_mode=True)
-    layers[idx - 1].self_attn, layers[idx].self_attn = anchor, probe
+    originals = {}
+    for idx, probe in probes.items():
+        originals[idx] = layers[idx].self_attn
+        if idx - 1 not in probes and idx - 1 not in originals:
+            originals[idx - 1] = layers[idx - 1].self_attn
+            anchor = LisaAttention(C.base_attention(layers[idx - 1]), idx - 1)
+            anchor.update_layer("probe", ROLE_ANCHOR, config)
+            anchor.set_adapter("probe", inference_mode=True)
+            layers[idx - 1].self_attn = anchor
+        probe.set_adapter("probe", inference_mode=True)
+        layers[idx].self_attn = probe
     hook = backbone(model).register_forward_pre_hook(add_forward_state, with_kwargs=True)
     try:
         yield
     finally:
         hook.remove()
-        layers[idx - 1].self_attn, layers[idx].self_attn = original_prev, original
+        for idx, module in originals.items():
+            layers[idx].self_attn = module
 
 
 @torch.no_grad()
@@ -108,6 +116,7 @@ def layer_sensitivity(
     fit_steps: int = 0,
     fit_lr: float = 3e-3,
     candidates: list[int] | None = None,
+    probes: dict[int, LisaAttention] | None = None,
 ) -> dict[str, dict[int, float]]:
     """Per candidate layer, made LiSA alone (calibrated init, then `fit_steps` layer-wise steps):
 
@@ -118,6 +127,7 @@ def layer_sensitivity(
     decision is taken on the model's output ("loss" or "output_kl", see `convert`).
     The layer-wise fit uses the calibration windows of `inputs` (all of them, not only the probe's).
     candidates: the layers to score (default: every layer from `min_full_layers` on).
+    probes: a dict that receives each candidate's fitted probe layer (adapter "probe"), for `greedy_layers`.
     """
     layers = C.decoder_layers(model)
     resolved = _resolve_shape_defaults(config, model.config)
@@ -138,11 +148,81 @@ def layer_sensitivity(
             with torch.enable_grad():
                 C.fit_layer(probe, "probe", inputs.hidden[idx], rope, prev, target, steps=fit_steps, lr=fit_lr)
         scores["kl"][idx] = C.evaluate_layer_kl(probe, "probe", inputs.hidden[idx], rope, prev, target)
-        with _single_lisa_layer(model, idx, probe, resolved):
+        with _lisa_layer_set(model, {idx: probe}, resolved):
             loss, kl = _loss_and_output_kl(model, input_ids, teacher)
         scores["loss"][idx] = loss - base_loss
         scores["output_kl"][idx] = kl
+        if probes is not None:
+            probes[idx] = probe
     return scores
+
+
+@torch.no_grad()
+def greedy_layers(
+    model,
+    probes: Mapping[int, LisaAttention],
+    single_scores: Mapping[int, float],
+    input_ids: torch.Tensor,
+    config: LisaConfig,
+    count: int,
+    by: str = "loss",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Choose `count` layers one at a time, each time the candidate whose addition raises the model's score least
+    given the layers already chosen (a probe after a probe reads its fitted logits), so that layers that do well
+    alone but badly together are not all taken.
+
+    probes: {layer: probe fitted alone} from `layer_sensitivity(..., probes=...)`; single_scores: its scores of
+    kind `by` ("loss": LM-loss increase, "output_kl"), measured on the same windows input_ids [N, T]. Lazy greedy:
+    a candidate's last measured increase is taken as a lower bound of its next one, so only the candidates that
+    could still be the best are measured again. Returns {"order": layers in pick order, "score": the model's score
+    after each pick, "evaluations": model evaluations run}.
+    """
+    if by not in SELECT_LAYERS_BY:
+        raise ValueError(f"by={by!r}: choose {' or '.join(map(repr, SELECT_LAYERS_BY))}.")
+    config = _resolve_shape_defaults(config, model.config)
+    teacher = teacher_topk(model, input_ids)
+    base_loss, _ = _loss_and_output_kl(model, input_ids, teacher)
+
+    def score(layers: list[int]) -> float:
+        with _lisa_layer_set(model, {i: probes[i] for i in layers}, config):
+            loss, kl = _loss_and_output_kl(model, input_ids, teacher)
+        return loss - base_loss if by == "loss" else kl
+
+    return lazy_greedy({idx: float(single_scores[idx]) for idx in probes}, score, count, progress=progress)
+
+
+def lazy_greedy(
+    single: Mapping[int, float], score: Callable[[list[int]], float], count: int, progress: bool = False
+) -> dict[str, Any]:
+    """Pick `count` items one at a time, each time the one whose addition raises score(chosen) least.
+
+    single: {item: score([item])}, the increases over the empty set (score([]) is taken as 0). An item's last
+    measured increase is taken as a lower bound of its next one, so after each pick only the items that could
+    still be the best are measured again. Returns {"order", "score" (after each pick), "evaluations"}.
+    """
+    bound = dict(single)
+    fresh = set(bound)  # increases measured given the current choice
+    chosen: list[int] = []
+    after: list[float] = []
+    current, evaluations = 0.0, 0
+    bar = tqdm(total=min(count, len(bound)), desc="greedy layer choice", disable=not progress)
+    while len(chosen) < count and bound:
+        item = min(bound, key=lambda i: (bound[i], i))
+        if item not in fresh:
+            bound[item] = score(chosen + [item]) - current
+            evaluations += 1
+            fresh.add(item)
+            if bound[item] > min(bound.values()):
+                continue
+        chosen.append(item)
+        current += bound.pop(item)
+        after.append(float(f"{current:.6g}"))
+        fresh = set()  # every other increase may have changed with this pick
+        bar.update(1)
+        bar.set_postfix(layer=item, score=f"{current:.4f}", evaluations=evaluations)
+    bar.close()
+    return {"order": chosen, "score": after, "evaluations": evaluations}
 
 
 def lisa_sensitivity(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -212,6 +292,7 @@ def convert(
     sensitivity_sequences: int = 16,
     sensitivity_fit_steps: int = 100,
     select_layers_by: str = "loss",
+    layer_search: str = "single",
 ) -> PeftModel:
     """Turn a pre-trained LLaMA model into a calibrated LiSA `PeftModel`.
 
@@ -223,10 +304,14 @@ def convert(
     layer-wise stage ("layerwise"); what it returns (e.g. a perplexity) is recorded under
     `layer_scores["stages"]`. calibration_ids: token windows [N, T] to use instead of
     tokenizing `calibration_texts` (then `tokenizer` may be None). sensitivity_sequences: how
-    many calibration windows the per-layer loss probe of `lisa_layers="auto"` runs on.
+    many calibration windows the per-layer loss probe of `lisa_layers="auto"` runs on. layer_search: how
+    `lisa_layers="auto"` picks its layers from the probe's scores: "single" keeps the least sensitive layers, each
+    scored alone; "greedy" adds them one at a time given those already chosen (`greedy_layers`).
     """
     if select_layers_by not in SELECT_LAYERS_BY:
         raise ValueError(f"select_layers_by={select_layers_by!r}: choose {' or '.join(map(repr, SELECT_LAYERS_BY))}.")
+    if layer_search not in LAYER_SEARCH:
+        raise ValueError(f"layer_search={layer_search!r}: choose {' or '.join(map(repr, LAYER_SEARCH))}.")
     config = copy.deepcopy(config)
     if calibration_ids is not None:
         input_ids = calibration_ids
@@ -241,10 +326,17 @@ def convert(
     sensitivity = None
     if config.lisa_layers == "auto":
         probe_ids = input_ids[: max(1, sensitivity_sequences)]  # the loss probe runs the whole model per layer
+        probes: dict[int, LisaAttention] | None = {} if layer_search == "greedy" else None
         sensitivity = layer_sensitivity(model, inputs, probe_ids, config, progress=progress,
-                                        fit_steps=sensitivity_fit_steps, fit_lr=layerwise_lr)
+                                        fit_steps=sensitivity_fit_steps, fit_lr=layerwise_lr, probes=probes)
         config.lisa_layers = choose_layers(sensitivity[select_layers_by], num_layers, config.target_fraction)
         scores_record.update(_sensitivity_record(sensitivity))
+        if probes is not None:
+            search = greedy_layers(model, probes, sensitivity[select_layers_by], probe_ids, config,
+                                   len(config.lisa_layers), by=select_layers_by, progress=progress)
+            config.lisa_layers = sorted(search["order"])
+            scores_record["layer_search"] = {"by": select_layers_by, **search}
+            del probes
         logger.info("lisa_layers='auto' chose %s", config.lisa_layers)
 
     if config.rank_allocation == "sensitivity" and not config.layer_ranks:

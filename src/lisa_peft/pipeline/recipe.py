@@ -585,13 +585,13 @@ _CONVERT_ARGUMENTS_SET_HERE = ("adapter_name", "progress", "stage_callback", "ca
 def calibration_keys() -> dict[str, Setting]:
     """The keys of `calibration:`: `texts`, and the keyword arguments of `lisa_peft.pipeline.convert.convert` that
     `build_lisa_model` passes on (types and defaults from its signature), minus those it sets itself."""
-    from .convert import SELECT_LAYERS_BY, convert
+    from .convert import LAYER_SEARCH, SELECT_LAYERS_BY, convert
 
     checks = {
         "num_sequences": _at_least(1), "seq_len": _at_least(2), "layerwise_steps": _at_least(0),
         "layerwise_lr": lambda lr: None if lr > 0 else f"must be > 0, got {lr!r}", "batch_size": _at_least(1),
         "sensitivity_sequences": _at_least(1), "sensitivity_fit_steps": _at_least(0),
-        "select_layers_by": _one_of(SELECT_LAYERS_BY),
+        "select_layers_by": _one_of(SELECT_LAYERS_BY), "layer_search": _one_of(LAYER_SEARCH),
     }
     try:
         hints = typing.get_type_hints(convert)
