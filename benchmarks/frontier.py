@@ -109,7 +109,6 @@ def variant(args: argparse.Namespace) -> dict:
 
 def parse_ablation(text: str) -> dict:
     """'search=greedy,lr=0.002' -> the defaults with those values (types and choices checked)."""
-    choices = VARIANT_CHOICES
     var = dict(VARIANT_DEFAULTS)
     for item in text.split(","):
         key, sep, value = item.partition("=")
@@ -119,8 +118,8 @@ def parse_ablation(text: str) -> dict:
             var[key] = type(VARIANT_DEFAULTS[key])(value)
         except ValueError:
             raise SystemExit(f"--ablations {text!r}: {key} takes a {type(VARIANT_DEFAULTS[key]).__name__}.") from None
-        if key in choices and value not in choices[key]:
-            raise SystemExit(f"--ablations {text!r}: {key} is one of {', '.join(choices[key])}.")
+        if key in VARIANT_CHOICES and value not in VARIANT_CHOICES[key]:
+            raise SystemExit(f"--ablations {text!r}: {key} is one of {', '.join(VARIANT_CHOICES[key])}.")
     return var
 
 

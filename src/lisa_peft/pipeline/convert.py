@@ -68,7 +68,7 @@ def _lisa_layer_set(model, probes: Mapping[int, LisaAttention], config: LisaConf
     originals = {}
     for idx, probe in probes.items():
         originals[idx] = layers[idx].self_attn
-        if idx - 1 not in probes and idx - 1 not in originals:
+        if idx - 1 not in probes:
             originals[idx - 1] = layers[idx - 1].self_attn
             anchor = LisaAttention(C.base_attention(layers[idx - 1]), idx - 1)
             anchor.update_layer("probe", ROLE_ANCHOR, config)
@@ -336,7 +336,6 @@ def convert(
                                    len(config.lisa_layers), by=select_layers_by, progress=progress)
             config.lisa_layers = sorted(search["order"])
             scores_record["layer_search"] = {"by": select_layers_by, **search}
-            del probes
         logger.info("lisa_layers='auto' chose %s", config.lisa_layers)
 
     if config.rank_allocation == "sensitivity" and not config.layer_ranks:

@@ -692,7 +692,8 @@ def _is_main_process() -> bool:
 
 
 class StageClock:
-    """Wall-clock seconds per stage of a run: `lap(name)` records the time since the previous lap."""
+    """Wall-clock seconds per stage of a run: `lap(name)` records the time since the previous lap, `finish()`
+    the total."""
 
     def __init__(self) -> None:
         self.start = self._last = time.monotonic()
@@ -702,6 +703,9 @@ class StageClock:
         now = time.monotonic()
         self.seconds[name] = round(now - self._last, 1)
         self._last = now
+
+    def finish(self) -> None:
+        self.seconds["total"] = round(time.monotonic() - self.start, 1)
 
 
 def run_recipe(recipe: dict[str, Any], progress: bool = True, resume: bool | str = True) -> dict[str, Any]:
@@ -783,7 +787,7 @@ def run_recipe(recipe: dict[str, Any], progress: bool = True, resume: bool | str
     record_fidelity(peft_model, summary)
     summary["operating_point"] = model_operating_point(peft_model).as_dict()
     clock.lap("evaluation")
-    clock.seconds["total"] = round(time.monotonic() - clock.start, 1)
+    clock.finish()
     if trainer.is_world_process_zero():
         peft_model.save_pretrained(output_dir / FINAL_ADAPTER_DIR)
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
