@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import transformers
@@ -153,6 +155,37 @@ def test_time_budget_callback_anneals_the_rate_over_the_budget_and_stops_at_its_
     assert optimizer.param_groups[0]["lr"] == 1.0
     with pytest.raises(ValueError, match="positive"):
         training_module.TimeBudgetCallback(0)
+
+
+def test_time_budget_annealing_is_the_learning_rate_the_trainer_logs(tmp_path, monkeypatch):
+    """The Trainer logs its scheduler's last rate: with the time budget's cosine that must be the annealed
+    rate the optimizer uses, not the constant one (it used to log the recipe's rate at every step)."""
+    import lisa_peft.pipeline.training as training_module
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(training_module.time, "monotonic", lambda: clock["now"])
+
+    class Tick(transformers.TrainerCallback):  # one second of "training" per step, read at its end
+        def on_step_begin(self, args, state, control, **kwargs):
+            clock["now"] += 1.0
+
+    used = []
+
+    class Record(transformers.TrainerCallback):  # the rate the optimizer will use for the next step
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            used.append(optimizer.param_groups[0]["lr"])
+
+    model = get_peft_model(tiny_llama(2), LisaConfig(lisa_layers=[3, 4]))
+    trainer = _trainer(model, tmp_path, max_steps=6, lr_scheduler_type="constant", save_strategy="no")
+    for callback in (Tick(), training_module.TimeBudgetCallback(8.0, anneal=True), Record()):
+        trainer.add_callback(callback)
+    trainer.train()
+    logged = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    # rates[k]: the rate of step k + 1 (the first step runs at the recipe's rate, later ones annealed)
+    rates = [3e-2] + [3e-2 * 0.5 * (1 + math.cos(math.pi * step / 8.0)) for step in range(1, 7)]
+    assert used == pytest.approx(rates[1:])
+    # transformers logs the rate a step ran at (5.x) or the one the next step runs at (older releases)
+    assert logged == pytest.approx(rates[:6]) or logged == pytest.approx(rates[1:]), logged
 
 
 @pytest.mark.parametrize("share", ["logits", "probs"])

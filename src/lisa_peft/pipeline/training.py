@@ -173,6 +173,7 @@ class TimeBudgetCallback(transformers.TrainerCallback):
     the rate set by the Trainer's scheduler is multiplied by 0.5 * (1 + cos(pi * elapsed / seconds)).
     With `lr_scheduler_type="constant_with_warmup"` this is a cosine schedule that ends when the budget
     does, on a fast or a slow machine alike (a step-count schedule would stop mid-way, at a high rate).
+    The scheduler's last rate follows, so the Trainer's logs show the annealed rate.
     """
 
     def __init__(self, seconds: float, anneal: bool = False) -> None:
@@ -185,12 +186,15 @@ class TimeBudgetCallback(transformers.TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self._start = time.monotonic()
 
-    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+    def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         elapsed = time.monotonic() - self._start
         if self.anneal and optimizer is not None:
             factor = 0.5 * (1.0 + math.cos(math.pi * min(1.0, elapsed / self.seconds)))
             for group in optimizer.param_groups:
                 group["lr"] *= factor
+            if hasattr(lr_scheduler, "_last_lr"):
+                # The Trainer logs the scheduler's last rate: make it the one the next step uses.
+                lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         if elapsed >= self.seconds:
             control.should_training_stop = True
             control.should_save = True
